@@ -1,0 +1,2 @@
+FLASK_APP=service
+FLASK_ENV=development

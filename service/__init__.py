@@ -1,0 +1,114 @@
+"""flaskapi-observability: a books API that shows how it behaves under load and faults.
+
+`create_app` is the only entry point (`gunicorn "service:create_app()"`, `flask --app service`);
+it builds the app in named steps and nothing runs at import time.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Mapping
+
+from apiflask import APIFlask
+
+from service.settings import PROJECT_ROOT, Settings
+
+
+def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
+    """Build the app. `config` overrides environment variables by name (tests use it)."""
+    settings = Settings.from_env(config)
+    app = APIFlask(__name__, title="flaskapi-observability", version=settings.version,
+                   spec_path="/openapi.json", docs_path="/docs")
+    configure(app, settings)
+    register_extensions(app, settings)
+    register_blueprints(app, settings)
+    register_errorhandlers(app)
+    register_commands(app)
+    return app
+
+
+def configure(app: APIFlask, settings: Settings) -> None:
+    from service.errors import ERROR_SCHEMA
+
+    database_uri = settings.database_uri
+    if database_uri is None:
+        from service import devdb
+
+        database_uri = devdb.ensure_database(devdb.pgdata_for(settings.data_dir))
+    app.config.update(
+        APP_SETTINGS=settings,
+        TESTING=settings.env == "testing",
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        BOOKS_PAGE_SIZE=min(settings.page_size_default, 100),
+        SQLALCHEMY_DATABASE_URI=database_uri,
+        SQLALCHEMY_ENGINE_OPTIONS={
+            "pool_size": settings.pool_size,
+            "max_overflow": settings.max_overflow,
+            "pool_timeout": settings.pool_timeout,
+            "pool_recycle": settings.pool_recycle,
+            # A connection broken by a database restart is noticed at checkout and replaced,
+            # so the service recovers by itself when the database comes back.
+            "pool_pre_ping": True,
+            "connect_args": {
+                "connect_timeout": settings.db_connect_timeout,
+                "application_name": "flaskapi-observability",
+                "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
+            },
+        },
+        JWT_SECRET_KEY=settings.jwt_secret_key,
+        JWT_ACCESS_TOKEN_EXPIRES=timedelta(seconds=settings.jwt_access_token_expires),
+        JWT_TOKEN_LOCATION=["headers"],
+        HTTP_ERROR_SCHEMA=ERROR_SCHEMA,
+        VALIDATION_ERROR_SCHEMA=ERROR_SCHEMA,
+        SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        INFO={"description": "Books API with JWT auth. Every error has the shape "
+                             '{"error": {"status", "code", "message", "details", "request_id"}}.'},
+    )
+
+
+def register_extensions(app: APIFlask, settings: Settings) -> None:
+    from service.auth.passwords import Passwords
+    from service.errors import register_jwt_errors
+    from service.extensions import db, jwt, migrate
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    jwt.init_app(app)
+    register_jwt_errors(jwt)
+    app.extensions["passwords"] = Passwords(
+        time_cost=settings.password_time_cost,
+        memory_cost=settings.password_memory_cost,
+        parallelism=settings.password_parallelism,
+    )
+
+
+def register_blueprints(app: APIFlask, settings: Settings) -> None:
+    from service import health
+    from service.auth import views as auth_views
+    from service.books import views as books_views
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(auth_views.bp)
+    app.register_blueprint(books_views.bp)
+    if settings.crash_route_enabled:
+        from service.auth.crash import crash
+
+        app.add_url_rule("/auth/crash", "auth_crash", crash, methods=["GET"])
+
+    @app.get("/")
+    @app.doc(summary="Service index")
+    def index():
+        return {"service": "flaskapi-observability", "version": settings.version,
+                "docs": "/docs", "openapi": "/openapi.json"}
+
+
+def register_errorhandlers(app: APIFlask) -> None:
+    from service.errors import register_error_handlers
+
+    register_error_handlers(app)
+
+
+def register_commands(app: APIFlask) -> None:
+    from service.commands import db_custom
+
+    app.cli.add_command(db_custom)
+

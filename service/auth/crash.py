@@ -1,0 +1,19 @@
+"""The lesson's `/auth/crash`: kills the worker process on purpose, to watch recovery.
+
+Registered only when CRASH_ROUTE_ENABLED=1. The process dies by `os._exit`, which skips every
+handler, so whatever must be known about the crash is written before it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("service.crash")
+
+
+def crash():
+    log.error("crash requested: worker %d exits now via os._exit(1)", os.getpid(),
+              extra={"event": "crash_requested"})
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)

@@ -1,0 +1,147 @@
+"""`/books`: list (keyset pages), read, create, replace/patch and delete (owner only)."""
+from __future__ import annotations
+
+from apiflask import APIBlueprint, Schema
+from apiflask.fields import DateTime, Integer, List, Nested, String
+from flask import current_app, request, url_for
+from flask_jwt_extended import get_jwt_identity, jwt_required
+from marshmallow import validate
+from sqlalchemy.exc import IntegrityError
+
+from service.books import queries
+from service.errors import APIError
+from service.models import AUTHOR_MAX, TITLE_MAX
+from service.schemas import text
+
+bp = APIBlueprint("books", __name__, url_prefix="/books", tag="Books")
+
+MAX_ID = 2**63 - 1  # Postgres bigint: larger ids cannot exist, so they are 404 not a driver error
+PAGE_MAX = 100
+BOOK_ID = f"<int(min=1, max={MAX_ID}):book_id>"
+AUTH_DOC = {"security": "BearerAuth"}
+
+
+class BookIn(Schema):
+    title = text(min_length=1, max_length=TITLE_MAX, required=True, metadata={"example": "Dune"})
+    author = text(min_length=1, max_length=AUTHOR_MAX, allow_none=True, load_default=None,
+                  metadata={"example": "Frank Herbert"})
+
+
+class BookPatch(Schema):
+    title = text(min_length=1, max_length=TITLE_MAX)
+    author = text(min_length=1, max_length=AUTHOR_MAX, allow_none=True)
+
+
+class BookOut(Schema):
+    id = Integer(required=True)
+    title = String(required=True)
+    author = String(allow_none=True)
+    owner_id = Integer(required=True)
+    created_at = DateTime(required=True)
+    updated_at = DateTime(required=True)
+
+
+class PageQuery(Schema):
+    limit = Integer(validate=validate.Range(min=1, max=PAGE_MAX),
+                    metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE)"})
+    cursor = Integer(validate=validate.Range(min=1, max=MAX_ID),
+                     metadata={"description": "the next_cursor of the previous page"})
+
+
+class PagedBook(BookOut):
+    """BookOut inside a page (its own class so the OpenAPI generator names it only once)."""
+
+
+class BookPage(Schema):
+    items = List(Nested(PagedBook), required=True)
+    next_cursor = Integer(allow_none=True, required=True,
+                          metadata={"description": "pass as ?cursor= for the next page; null on the last"})
+
+
+def _current_user_id() -> int:
+    try:
+        return int(get_jwt_identity())
+    except (TypeError, ValueError):
+        raise APIError(401, "The token is invalid", code="token_invalid") from None
+
+
+def _not_found() -> APIError:
+    return APIError(404, "No book with this id")
+
+
+def _forbidden() -> APIError:
+    return APIError(403, "Only the book's owner may change it", code="not_owner")
+
+
+@bp.get("/", strict_slashes=False)
+@bp.input(PageQuery, location="query", arg_name="query")
+@bp.output(BookPage)
+@bp.doc(summary="List books, newest first, one keyset page at a time")
+def list_books(query):
+    limit = query.get("limit") or current_app.config["BOOKS_PAGE_SIZE"]
+    items, next_cursor = queries.list_page(before_id=query.get("cursor"), limit=min(limit, PAGE_MAX))
+    headers = {}
+    if next_cursor is not None:
+        link = url_for("books.list_books", cursor=next_cursor, limit=limit)
+        headers["Link"] = f'<{link}>; rel="next"'
+    return {"items": items, "next_cursor": next_cursor}, 200, headers
+
+
+@bp.post("/", strict_slashes=False)
+@jwt_required()  # before validation: an anonymous caller learns nothing about the body
+@bp.input(BookIn, arg_name="body")
+@bp.output(BookOut, status_code=201)
+@bp.doc(summary="Create a book", **AUTH_DOC)
+def create_book(body):
+    try:
+        return queries.create(owner_id=_current_user_id(), **body)
+    except IntegrityError:  # the token's user was deleted since it was issued
+        raise APIError(401, "The token's user no longer exists", code="token_invalid") from None
+
+
+@bp.get(f"/{BOOK_ID}")
+@bp.output(BookOut)
+@bp.doc(summary="Get one book")
+def get_book(book_id):
+    book = queries.get(book_id=book_id)
+    if book is None:
+        raise _not_found()
+    return book
+
+
+def _update(book_id: int, values: dict):
+    book, exists = queries.update_owned(book_id=book_id, owner_id=_current_user_id(), values=values)
+    if book is None:
+        raise _forbidden() if exists else _not_found()
+    return book
+
+
+@bp.put(f"/{BOOK_ID}")
+@jwt_required()
+@bp.input(BookIn, arg_name="body")
+@bp.output(BookOut)
+@bp.doc(summary="Replace a book's fields (owner only)", **AUTH_DOC)
+def replace_book(book_id, body):
+    return _update(book_id, body)
+
+
+@bp.patch(f"/{BOOK_ID}")
+@jwt_required()
+@bp.input(BookPatch, arg_name="body")
+@bp.output(BookOut)
+@bp.doc(summary="Change some of a book's fields (owner only)", **AUTH_DOC)
+def patch_book(book_id, body):
+    if not body:
+        raise APIError(422, "Send at least one of: title, author", details={"json": {"_schema": ["empty"]}})
+    return _update(book_id, body)
+
+
+@bp.delete(f"/{BOOK_ID}")
+@jwt_required()
+@bp.output({}, status_code=204)
+@bp.doc(summary="Delete a book (owner only)", **AUTH_DOC)
+def delete_book(book_id):
+    deleted, exists = queries.delete_owned(book_id=book_id, owner_id=_current_user_id())
+    if not deleted:
+        raise _forbidden() if exists else _not_found()
+    return "", 204

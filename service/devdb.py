@@ -1,0 +1,59 @@
+"""The embedded development Postgres: a real PostgreSQL 16 from the `pgserver` wheel.
+
+Used only when `DB_URI` is unset outside production, so `make run`, the `flask` CLI and the
+tests need no system install yet never fall back to SQLite. The server listens on a Unix socket
+inside the data dir (no TCP port to collide with) and keeps running between commands, so the
+CLI, gunicorn and its workers all reach the same database; `make db-stop` stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+DEFAULT_DATABASE = "flaskapi"
+
+
+def _server(pgdata: Path, cleanup_mode: str | None = None):
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        pgdata.mkdir(parents=True, exist_ok=True)
+        return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+
+
+def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE, cleanup_mode: str | None = None) -> str:
+    """Start (or reuse) the server in `pgdata`, create `database` if missing, return its URI."""
+    server = _server(pgdata, cleanup_mode)
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if "(1 row)" not in exists:
+        server.psql(f'CREATE DATABASE "{database}";')
+    return server.get_uri(database).replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def stop(pgdata: Path) -> None:
+    if (pgdata / "postmaster.pid").exists():
+        _server(pgdata, cleanup_mode="stop").cleanup()
+
+
+def pgdata_for(data_dir: Path) -> Path:
+    return data_dir / "postgres"
+
+
+def main() -> None:
+    from service.settings import Settings
+
+    parser = argparse.ArgumentParser(description="Embedded development Postgres")
+    parser.add_argument("action", choices=["uri", "stop"])
+    args = parser.parse_args()
+    pgdata = pgdata_for(Settings.from_env({"FLASK_ENV": "development"}).data_dir)
+    if args.action == "uri":
+        print(ensure_database(pgdata))
+    else:
+        stop(pgdata)
+
+
+if __name__ == "__main__":
+    main()

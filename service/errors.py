@@ -1,0 +1,176 @@
+"""One JSON error shape for everything the service can answer with.
+
+    {"error": {"status": 404, "code": "not_found", "message": "...", "details": {...},
+               "request_id": "..."}}
+
+HTTP exceptions, validation errors, JWT failures, pool timeouts, database outages and
+unexpected exceptions all leave through `error_response`, so a client (and a log reader) only
+ever has to understand one shape.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from apiflask import APIFlask, HTTPError
+from flask import Response, current_app, g, jsonify, request
+from sqlalchemy import exc as sa_exc
+
+log = logging.getLogger("service.errors")
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+# The OpenAPI description of the shape, so generated clients and schema fuzzers know it.
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["status", "code", "message", "details"],
+            "properties": {
+                "status": {"type": "integer"},
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+                "request_id": {"type": "string"},
+            },
+        }
+    },
+}
+
+
+class APIError(HTTPError):
+    """Raise anywhere in a request: becomes the JSON error shape with a machine-readable code."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 details: Any = None, headers: dict | None = None) -> None:
+        super().__init__(status, message, detail=details or {}, headers=headers,
+                         extra_data={"code": code or CODES.get(status, "error")})
+
+
+def error_response(status: int, message: str, *, code: str | None = None,
+                   details: Any = None, headers: dict | None = None) -> Response:
+    body = {
+        "status": status,
+        "code": code or CODES.get(status, "error"),
+        "message": message,
+        "details": details or {},
+    }
+    request_id = g.get("request_id") if g else None
+    if request_id:
+        body["request_id"] = request_id
+    response = jsonify(error=body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _from_http_error(error: HTTPError) -> Response:
+    """APIFlask routes Werkzeug's HTTPExceptions, `abort()` and validation errors through here."""
+    status = error.status_code
+    message = error.message
+    if status == 422 and message == "Validation error":
+        message = "The request did not pass validation; see details"
+    elif status == 405:
+        message = f"Method {request.method} is not allowed here"
+    elif status == 404 and message == "Not Found":
+        message = "No such resource"
+    elif status == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        message = f"Request body is larger than the {limit} bytes allowed"
+    headers = dict(error.headers or {})
+    headers.pop("Content-Type", None)
+    return error_response(status, message, code=error.extra_data.get("code"),
+                          details=error.detail, headers=headers)
+
+
+def require_json_body() -> Response | None:
+    """Refuse bodies that are not JSON before any view runs, so nothing half-parsed is written."""
+    if request.method not in BODY_METHODS or request.url_rule is None:
+        return None
+    if request.mimetype != "application/json":
+        return error_response(415, "Content-Type must be application/json",
+                              details={"content_type": request.mimetype or None})
+    try:
+        request.get_json()
+    except Exception as exc:  # werkzeug's BadRequest for undecodable JSON, or 413 for huge bodies
+        if getattr(exc, "code", None) == 413:
+            raise
+        return error_response(400, "Request body is not valid JSON")
+    return None
+
+
+def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
+    timeout = current_app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_timeout"]
+    log.warning("db pool exhausted: no connection within %.1fs", timeout,
+                extra={"event": "db_pool_timeout", "pool_wait_s": timeout})
+    return error_response(503, "The service is saturated: no database connection was free; retry shortly",
+                          code="db_pool_exhausted",
+                          headers={"Retry-After": str(max(1, math.ceil(timeout)))})
+
+
+def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
+    log.error("database unavailable: %s", type(exc).__name__, exc_info=exc,
+              extra={"event": "db_unavailable"})
+    return error_response(503, "The database is unavailable; retry shortly",
+                          code="database_unavailable", headers={"Retry-After": "2"})
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.error("unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"})
+    return error_response(500, "Internal server error; the request id identifies it in the logs")
+
+
+def register_error_handlers(app: APIFlask) -> None:
+    app.error_processor(_from_http_error)
+    app.before_request(require_json_body)
+    app.register_error_handler(sa_exc.TimeoutError, _pool_timeout)
+    app.register_error_handler(sa_exc.OperationalError, _database_unavailable)
+    app.register_error_handler(sa_exc.InterfaceError, _database_unavailable)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def register_jwt_errors(jwt) -> None:
+    """flask-jwt-extended answers with its own body by default; route every case to ours."""
+
+    @jwt.unauthorized_loader
+    def _missing(reason: str):
+        return error_response(401, "Missing or malformed Authorization header: send 'Bearer <token>'",
+                              code="token_missing")
+
+    @jwt.invalid_token_loader
+    def _invalid(reason: str):
+        return error_response(401, "The token is invalid", code="token_invalid")
+
+    @jwt.expired_token_loader
+    def _expired(header, payload):
+        return error_response(401, "The token has expired; log in again", code="token_expired")
+
+    @jwt.revoked_token_loader
+    def _revoked(header, payload):
+        return error_response(401, "The token has been revoked", code="token_revoked")
+
+    @jwt.needs_fresh_token_loader
+    def _stale(header, payload):
+        return error_response(401, "A fresh token is required", code="token_not_fresh")
+
+    @jwt.user_lookup_error_loader
+    def _no_user(header, payload):
+        return error_response(401, "The token's user no longer exists", code="token_invalid")

@@ -1,0 +1,192 @@
+"""One typed settings object, read once from the environment (and `.flaskenv` / `.env`).
+
+Every knob has a default that is safe in production, or no default where one would be a risk
+(`JWT_SECRET_KEY` and `DB_URI` must be given in production). `Settings.from_env` is the only
+place that reads configuration; the rest of the service receives a `Settings`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+from typing import Mapping
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENVIRONMENTS = ("development", "production", "testing")
+MIN_SECRET_BYTES = 32
+
+
+class SettingsError(RuntimeError):
+    """A configuration that must not start; the message says what to set."""
+
+
+def _bool(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def normalise_database_uri(uri: str) -> str:
+    """Accept the `postgres://` spelling many hosts hand out; SQLAlchemy wants `postgresql`."""
+    if uri.startswith("postgres://"):
+        uri = "postgresql://" + uri[len("postgres://"):]
+    if uri.startswith("postgresql://"):
+        uri = "postgresql+psycopg2://" + uri[len("postgresql://"):]
+    return uri
+
+
+def read_environment(overrides: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The process environment over `.env` over `.flaskenv` (Flask's CLI order), then overrides."""
+    merged: dict[str, str] = {}
+    for name in (".flaskenv", ".env"):
+        path = PROJECT_ROOT / name
+        if path.is_file():
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ)
+    for key, value in (overrides or {}).items():
+        merged[key] = "" if value is None else str(value)
+    return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    env: str
+    database_uri: str | None  # None: use the embedded development Postgres in data_dir
+    jwt_secret_key: str
+    jwt_access_token_expires: int
+    data_dir: Path
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: int
+    db_connect_timeout: int
+    db_statement_timeout_ms: int
+    max_content_length: int
+    page_size_default: int
+    page_size_max: int
+    password_time_cost: int
+    password_memory_cost: int
+    password_parallelism: int
+    crash_route_enabled: bool
+    version: str
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, object] | None = None) -> "Settings":
+        env = read_environment(overrides)
+        flask_env = (env.get("FLASK_ENV") or "production").strip().lower()
+        if flask_env not in ENVIRONMENTS:
+            raise SettingsError(f"FLASK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {flask_env!r}")
+        production = flask_env == "production"
+        data_dir = Path(env.get("DATA_DIR") or PROJECT_ROOT / ".data")
+
+        database_uri = env.get("DB_URI") or env.get("DATABASE_URL") or None
+        if database_uri:
+            database_uri = normalise_database_uri(database_uri)
+        elif production:
+            raise SettingsError(
+                "DB_URI is not set: set DB_URI=postgresql+psycopg2://USER:PASSWORD@HOST/DBNAME "
+                "(production never starts the embedded development database)"
+            )
+
+        secret = env.get("JWT_SECRET_KEY") or ""
+        if production and len(secret.encode()) < MIN_SECRET_BYTES:
+            raise SettingsError(
+                f"JWT_SECRET_KEY is missing or shorter than {MIN_SECRET_BYTES} bytes: set it to a random "
+                "value, e.g. JWT_SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if not secret:
+            secret = _development_secret(data_dir)
+
+        return cls(
+            env=flask_env,
+            database_uri=database_uri,
+            jwt_secret_key=secret,
+            jwt_access_token_expires=_int(env, "JWT_ACCESS_TOKEN_EXPIRES", 3600, minimum=1),
+            data_dir=data_dir,
+            pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
+            max_overflow=_int(env, "DB_MAX_OVERFLOW", 5, minimum=0),
+            pool_timeout=_float(env, "DB_POOL_TIMEOUT", 3.0, minimum=0.1),
+            pool_recycle=_int(env, "DB_POOL_RECYCLE", 1800, minimum=0),
+            db_connect_timeout=_int(env, "DB_CONNECT_TIMEOUT", 3, minimum=1),
+            db_statement_timeout_ms=_int(env, "DB_STATEMENT_TIMEOUT_MS", 10000, minimum=0),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 64 * 1024, minimum=1024),
+            page_size_default=_int(env, "BOOKS_PAGE_SIZE", 20, minimum=1),
+            page_size_max=_int(env, "BOOKS_PAGE_SIZE_MAX", 100, minimum=1),
+            # OWASP's argon2id baseline: m=19 MiB, t=2, p=1.
+            password_time_cost=_int(env, "PASSWORD_HASH_TIME_COST", 2, minimum=1),
+            password_memory_cost=_int(env, "PASSWORD_HASH_MEMORY_KIB", 19 * 1024, minimum=8),
+            password_parallelism=_int(env, "PASSWORD_HASH_PARALLELISM", 1, minimum=1),
+            crash_route_enabled=_bool(env.get("CRASH_ROUTE_ENABLED"), False),
+            version=env.get("APP_VERSION") or _package_version(),
+        )
+
+
+def _development_secret(data_dir: Path) -> str:
+    """Outside production, a random secret kept in the data dir: no secret is ever hard-coded,
+    and every worker and CLI call of one checkout signs tokens with the same key."""
+    path = data_dir / "dev-jwt-secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Write a private temp file, then hard-link it into place: the link either wins whole or
+    # fails, so a racing worker never reads a half-written secret.
+    tmp = data_dir / f".dev-jwt-secret.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(48))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flaskapi-observability")
+    except PackageNotFoundError:
+        return "0+unknown"
