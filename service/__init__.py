@@ -10,12 +10,18 @@ from typing import Mapping
 
 from apiflask import APIFlask
 
-from service.settings import PROJECT_ROOT, Settings
+from service.settings import PROJECT_ROOT, Settings, SettingsError
 
 
 def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
-    """Build the app. `config` overrides environment variables by name (tests use it)."""
-    settings = Settings.from_env(config)
+    """Build the app. `config` overrides environment variables by name (tests use it).
+
+    A configuration that must not run (say, production without a strong JWT_SECRET_KEY) exits
+    with one line naming the setting, for the flask CLI and gunicorn alike."""
+    try:
+        settings = Settings.from_env(config)
+    except SettingsError as exc:
+        raise SystemExit(f"flaskapi-observability: configuration error: {exc}") from None
     app = APIFlask(__name__, title="flaskapi-observability", version=settings.version,
                    spec_path="/openapi.json", docs_path="/docs")
     configure(app, settings)

@@ -14,7 +14,8 @@ from pathlib import Path
 DEFAULT_DATABASE = "flaskapi"
 
 
-def _server(pgdata: Path, cleanup_mode: str | None = None):
+def server(pgdata: Path, cleanup_mode: str | None = None):
+    """A handle on the server in `pgdata`, started if it is not running."""
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
         warnings.simplefilter("ignore")
@@ -26,16 +27,20 @@ def _server(pgdata: Path, cleanup_mode: str | None = None):
 
 def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE, cleanup_mode: str | None = None) -> str:
     """Start (or reuse) the server in `pgdata`, create `database` if missing, return its URI."""
-    server = _server(pgdata, cleanup_mode)
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    return create_database(server(pgdata, cleanup_mode), database)
+
+
+def create_database(handle, database: str) -> str:
+    """Create `database` on a running server unless it exists; return its SQLAlchemy URI."""
+    exists = handle.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "(1 row)" not in exists:
-        server.psql(f'CREATE DATABASE "{database}";')
-    return server.get_uri(database).replace("postgresql://", "postgresql+psycopg2://", 1)
+        handle.psql(f'CREATE DATABASE "{database}";')
+    return handle.get_uri(database).replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
 def stop(pgdata: Path) -> None:
     if (pgdata / "postmaster.pid").exists():
-        _server(pgdata, cleanup_mode="stop").cleanup()
+        server(pgdata, cleanup_mode="stop").cleanup()
 
 
 def pgdata_for(data_dir: Path) -> Path:

@@ -1,0 +1,33 @@
+# Two commands matter: `make run` (serve on 127.0.0.1:5000) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test db-upgrade db-seed db-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pinned dependencies
+
+db-upgrade: install ## apply migrations (embedded Postgres unless DB_URI is set)
+	$(BIN)/python -m flask db upgrade
+
+db-seed: install ## add demo users and books
+	$(BIN)/python -m flask db-custom seed
+
+run: db-upgrade ## serve the API with gunicorn on $${BIND:-127.0.0.1:5000}
+	$(BIN)/gunicorn -c deploy/gunicorn.conf.py
+
+test: install ## the whole suite against real Postgres and real gunicorn
+	$(BIN)/python -m pytest
+
+db-stop: install ## stop the embedded development Postgres
+	$(BIN)/python -m service.devdb stop
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
