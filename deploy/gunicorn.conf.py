@@ -22,3 +22,21 @@ keepalive = 5
 # instead of re-importing everything. (HUP then reloads settings and workers, not code.)
 preload_app = True
 proc_name = "flaskapi"
+# No gunicornc control socket: one fixed path per user would collide between instances, and
+# systemd (HUP, TERM) and the metrics port already cover operating the service.
+control_socket_disable = True
+
+# --- settings and logging: validated once in the master, before any worker starts -----------
+import sys  # noqa: E402
+
+import logging_conf  # noqa: E402
+from service.settings import Settings, SettingsError  # noqa: E402
+
+try:
+    _settings = Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"flaskapi-observability: configuration error: {exc}")
+
+# Same JSON handlers for the master, gunicorn's error log and every worker's app loggers.
+logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
+accesslog = None  # the app writes one access line per request (with route, user, request id)

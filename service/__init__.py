@@ -24,12 +24,29 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
         raise SystemExit(f"flaskapi-observability: configuration error: {exc}") from None
     app = APIFlask(__name__, title="flaskapi-observability", version=settings.version,
                    spec_path="/openapi.json", docs_path="/docs")
+    configure_logging(settings)
     configure(app, settings)
+    register_request_context(app)
     register_extensions(app, settings)
     register_blueprints(app, settings)
     register_errorhandlers(app)
     register_commands(app)
     return app
+
+
+def configure_logging(settings: Settings) -> None:
+    """Before the app exists, as Flask's docs advise; a no-op under gunicorn, which already
+    applied the same configuration (deploy/gunicorn.conf.py)."""
+    import logging_conf
+
+    logging_conf.configure(settings.logging_config())
+
+
+def register_request_context(app: APIFlask) -> None:
+    """First request hooks: the request id exists before any other hook can answer or fail."""
+    from service.observability import request_log
+
+    request_log.init_app(app)
 
 
 def configure(app: APIFlask, settings: Settings) -> None:

@@ -60,6 +60,15 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...],
+            *, upper: bool = True) -> str:
+    value = env.get(name) or default
+    value = value.upper() if upper else value
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def normalise_database_uri(uri: str) -> str:
     """Accept the `postgres://` spelling many hosts hand out; SQLAlchemy wants `postgresql`."""
     if uri.startswith("postgres://"):
@@ -103,10 +112,27 @@ class Settings:
     password_parallelism: int
     crash_route_enabled: bool
     version: str
+    log_level: str
+    log_dir: Path | None  # None: no log file, stderr only
+    log_file: str
+    log_rotate_when: str
+    log_rotate_interval: int
+    log_backup_count: int
+    log_gzip: bool
+    log_console: bool
 
     @property
     def is_production(self) -> bool:
         return self.env == "production"
+
+    def logging_config(self) -> dict:
+        import logging_conf
+
+        return logging_conf.build(
+            level=self.log_level, log_dir=self.log_dir, filename=self.log_file,
+            when=self.log_rotate_when, interval=self.log_rotate_interval,
+            backup_count=self.log_backup_count, gzip=self.log_gzip, console=self.log_console,
+        )
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, object] | None = None) -> "Settings":
@@ -156,6 +182,19 @@ class Settings:
             password_parallelism=_int(env, "PASSWORD_HASH_PARALLELISM", 1, minimum=1),
             crash_route_enabled=_bool(env.get("CRASH_ROUTE_ENABLED"), False),
             version=env.get("APP_VERSION") or _package_version(),
+            log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            # Files by default (the lesson wrote logs/ in production); in-process tests keep to
+            # stderr unless they name a LOG_DIR.
+            log_dir=(Path(env.get("LOG_DIR") or PROJECT_ROOT / "logs")
+                     if _bool(env.get("LOG_TO_FILE"), flask_env != "testing" or bool(env.get("LOG_DIR")))
+                     else None),
+            log_file=env.get("LOG_FILE") or "app.log",
+            log_rotate_when=_choice(env, "LOG_ROTATE_WHEN", "midnight",
+                                    ("midnight", "S", "M", "H", "D"), upper=False),
+            log_rotate_interval=_int(env, "LOG_ROTATE_INTERVAL", 1, minimum=1),
+            log_backup_count=_int(env, "LOG_BACKUP_COUNT", 14, minimum=0),
+            log_gzip=_bool(env.get("LOG_GZIP"), False),
+            log_console=_bool(env.get("LOG_CONSOLE"), True),
         )
 
 

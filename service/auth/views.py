@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import DateTime, Integer, String
-from flask import current_app
+from flask import current_app, g
 from marshmallow import validate
 from flask_jwt_extended import create_access_token
 
@@ -63,6 +63,7 @@ def login(body):
     passwords = _passwords()
     if not passwords.verify(password_hash, body["password"]):
         raise APIError(401, "Wrong email or password", code="bad_credentials")
+    g.user_id = str(user_id)  # for the access line
     if passwords.needs_rehash(password_hash):  # cost settings were raised since this hash
         queries.replace_password_hash(user_id=user_id, password_hash=passwords.hash(body["password"]))
     expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]

@@ -1,0 +1,92 @@
+"""One logging configuration (a dictConfig dict) for the Flask app and for gunicorn.
+
+gunicorn receives it as `logconfig_dict` (deploy/gunicorn.conf.py), so its master, its error
+log and every worker's application loggers write the same JSON lines through the same handlers:
+stderr (journald, containers) and one rotating file in LOG_DIR.
+
+Why concurrent-log-handler: with several worker processes the stdlib TimedRotatingFileHandler
+is unsafe (each process rotates on its own clock; one renames or deletes the file another is
+still writing). ConcurrentTimedRotatingFileHandler takes an flock around every write and every
+rotation and keeps the next rotation time in the lock file, so exactly one process rotates, the
+others notice the new inode and reopen, and a line is never split or written to a renamed file.
+Each line is written and flushed while the lock is held, so a worker that is killed loses no
+line it has already emitted.
+"""
+from __future__ import annotations
+
+import json
+import logging.config
+from pathlib import Path
+from typing import Any
+
+FORMATTER = "logging_conf.formatter.JsonFormatter"
+ROTATING_HANDLER = "concurrent_log_handler.ConcurrentTimedRotatingFileHandler"
+
+_applied: str | None = None
+
+
+def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "app.log",
+          when: str = "midnight", interval: int = 1, backup_count: int = 14,
+          gzip: bool = False, utc: bool = True, console: bool = True) -> dict[str, Any]:
+    """The dictConfig for these options. `log_dir=None` means no file (console only)."""
+    handlers: dict[str, dict[str, Any]] = {}
+    if console:
+        handlers["console"] = {"class": "logging.StreamHandler", "formatter": "json",
+                               "stream": "ext://sys.stderr"}
+    if log_dir is not None:
+        handlers["file"] = {
+            "class": ROTATING_HANDLER,
+            "formatter": "json",
+            "filename": str(Path(log_dir) / filename),
+            "when": when,
+            "interval": interval,
+            "backupCount": backup_count,
+            "use_gzip": gzip,
+            "utc": utc,
+            "encoding": "utf-8",
+            # The lock file sits beside the log and holds the shared next-rotation time.
+            "lock_file_directory": str(log_dir),
+        }
+    names = list(handlers)
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": FORMATTER}},
+        "handlers": handlers,
+        "root": {"level": level, "handlers": names},
+        "loggers": {
+            # gunicorn's own loggers propagate to root: same format, same files.
+            "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
+            # Access lines come from the app (they know the route, user and request id);
+            # gunicorn's access log stays off so each request is logged exactly once.
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+            "werkzeug": {"level": "WARNING", "handlers": [], "propagate": True},
+            "alembic": {"level": "INFO", "handlers": [], "propagate": True},
+            "pgserver": {"level": "WARNING", "handlers": [], "propagate": True},
+        },
+    }
+
+
+def for_gunicorn(config: dict[str, Any]) -> dict[str, Any]:
+    """Hand `config` to gunicorn as logconfig_dict, and remember that it is applied so the app
+    (loaded by the same process) does not configure logging a second time."""
+    global _applied
+    _prepare(config)
+    _applied = json.dumps(config, sort_keys=True)
+    return config
+
+
+def configure(config: dict[str, Any]) -> None:
+    """Apply `config` unless this exact configuration is already in force in this process."""
+    global _applied
+    key = json.dumps(config, sort_keys=True)
+    if key == _applied:
+        return
+    _prepare(config)
+    logging.config.dictConfig(config)
+    _applied = key
+
+
+def _prepare(config: dict[str, Any]) -> None:
+    if "file" in config["handlers"]:
+        Path(config["handlers"]["file"]["filename"]).parent.mkdir(parents=True, exist_ok=True)

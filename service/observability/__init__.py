@@ -1,0 +1,1 @@
+"""Seeing the service: request ids and access lines, metrics, and crash reports."""
