@@ -20,7 +20,9 @@ RENAMES = {"levelname": "level", "name": "logger", "process": "pid"}
 _REDACTIONS = (
     (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]+"), "[REDACTED-JWT]"),
     (re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"), r"\1[REDACTED]"),
-    (re.compile(r"(?i)((?:password|passwd|secret|token|authorization)[\"']?\s*[:=]\s*[\"']?)[^\"',\s}]+"),
+    # key = value / "key": "value", also inside an already JSON-escaped string (\\")
+    (re.compile(r"(?i)((?:password|passwd|secret|token|authorization)(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
+                r"[^\"'\\,\s}&]+"),
      r"\1[REDACTED]"),
 )
 _CACHE_ATTR = "_flaskapi_json_line"

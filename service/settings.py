@@ -23,7 +23,8 @@ class SettingsError(RuntimeError):
     """A configuration that must not start; the message says what to set."""
 
 
-def _bool(value: str | None, default: bool) -> bool:
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
     if value is None or value == "":
         return default
     lowered = value.strip().lower()
@@ -31,7 +32,7 @@ def _bool(value: str | None, default: bool) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise SettingsError(f"expected a boolean (1/0, true/false), got {value!r}")
+    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {value!r}")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -180,21 +181,21 @@ class Settings:
             password_time_cost=_int(env, "PASSWORD_HASH_TIME_COST", 2, minimum=1),
             password_memory_cost=_int(env, "PASSWORD_HASH_MEMORY_KIB", 19 * 1024, minimum=8),
             password_parallelism=_int(env, "PASSWORD_HASH_PARALLELISM", 1, minimum=1),
-            crash_route_enabled=_bool(env.get("CRASH_ROUTE_ENABLED"), False),
+            crash_route_enabled=_bool(env, "CRASH_ROUTE_ENABLED", False),
             version=env.get("APP_VERSION") or _package_version(),
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             # Files by default (the lesson wrote logs/ in production); in-process tests keep to
             # stderr unless they name a LOG_DIR.
             log_dir=(Path(env.get("LOG_DIR") or PROJECT_ROOT / "logs")
-                     if _bool(env.get("LOG_TO_FILE"), flask_env != "testing" or bool(env.get("LOG_DIR")))
+                     if _bool(env, "LOG_TO_FILE", flask_env != "testing" or bool(env.get("LOG_DIR")))
                      else None),
             log_file=env.get("LOG_FILE") or "app.log",
             log_rotate_when=_choice(env, "LOG_ROTATE_WHEN", "midnight",
                                     ("midnight", "S", "M", "H", "D"), upper=False),
             log_rotate_interval=_int(env, "LOG_ROTATE_INTERVAL", 1, minimum=1),
             log_backup_count=_int(env, "LOG_BACKUP_COUNT", 14, minimum=0),
-            log_gzip=_bool(env.get("LOG_GZIP"), False),
-            log_console=_bool(env.get("LOG_CONSOLE"), True),
+            log_gzip=_bool(env, "LOG_GZIP", False),
+            log_console=_bool(env, "LOG_CONSOLE", True),
         )
 
 

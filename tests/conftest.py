@@ -28,16 +28,32 @@ def postgres():
 
 
 @pytest.fixture(scope="session")
-def database_uri(postgres, tmp_path_factory):
-    """A migrated database for the in-process tests."""
-    uri = devdb.create_database(postgres, "test_api")
-    app = create_app(base_config(uri, tmp_path_factory.mktemp("data")))
-    with app.app_context():
-        from flask_migrate import upgrade
+def migrated_database(postgres, tmp_path_factory):
+    """Factory: a new database on the session server, migrated to head; returns its URI."""
 
-        upgrade()
-        db.engine.dispose()
-    return uri
+    def _create(name: str) -> str:
+        uri = devdb.create_database(postgres, name)
+        app = create_app(base_config(uri, tmp_path_factory.mktemp("data")))
+        with app.app_context():
+            from flask_migrate import upgrade
+
+            upgrade()
+            db.engine.dispose()
+        return uri
+
+    return _create
+
+
+@pytest.fixture(scope="session")
+def database_uri(migrated_database):
+    """The migrated database of the in-process tests."""
+    return migrated_database("test_api")
+
+
+def stack_env(uri: str, data_dir: Path, **extra) -> dict[str, str]:
+    """Environment for a real gunicorn stack: production mode, real hashing cost."""
+    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": TEST_SECRET,
+            "DATA_DIR": str(data_dir), "LOG_DIR": str(data_dir / "logs"), **extra}
 
 
 def base_config(uri: str, data_dir: Path, **extra) -> dict:
