@@ -20,8 +20,11 @@ db-upgrade: install ## apply migrations (embedded Postgres unless DB_URI is set)
 db-seed: install ## add demo users and books
 	$(BIN)/python -m flask db-custom seed
 
-run: db-upgrade ## serve the API with gunicorn on $${BIND:-127.0.0.1:5000}
-	$(BIN)/gunicorn -c deploy/gunicorn.conf.py
+METRICS_DIR ?= .data/metrics
+
+run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METRICS_BIND:-127.0.0.1:9200}
+	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
+	PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/gunicorn -c deploy/gunicorn.conf.py
 
 test: install ## the whole suite against real Postgres and real gunicorn
 	$(BIN)/python -m pytest

@@ -1,20 +1,44 @@
 """gunicorn settings for every way the service runs: `make run`, systemd, compose and the tests.
 
 Everything is read from the environment so one file serves them all:
-    BIND             127.0.0.1:5000 (put nginx in front, or set 0.0.0.0:5000 deliberately)
-    WEB_CONCURRENCY  worker processes; default cores + 1 (the lesson's rule; on 2 cores three
-                     sync workers measured faster than five)
-    GUNICORN_TIMEOUT seconds a worker may stay silent before the master kills it
+    BIND              127.0.0.1:5000 (put nginx in front, or set 0.0.0.0:5000 deliberately)
+    WEB_CONCURRENCY   worker processes; default cores + 1 (the lesson's rule; on 2 cores three
+                      sync workers measured faster than five)
+    GUNICORN_THREADS  1 = sync workers (default); more = gthread workers with that many threads
+    GUNICORN_TIMEOUT  seconds a worker may stay silent before the master kills it
+    METRICS_BIND      127.0.0.1:9200: merged Prometheus metrics of all workers, served by the master
+    PROMETHEUS_MULTIPROC_DIR  where workers write samples; the launcher (make run, systemd, the
+                      tests) sets it to an empty directory. Unset: a private temporary one.
 """
-import multiprocessing
 import os
+import sys
+import tempfile
+
+# Before anything imports prometheus_client, which reads this variable once at import.
+_private_metrics_dir = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _private_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flaskapi-metrics-")
+_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+if not os.path.isdir(_metrics_dir) or os.listdir(_metrics_dir):
+    sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
+             "directory: wipe it before starting (stale files from an earlier run would be merged in)")
+
+import logging_conf  # noqa: E402
+from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
+from service.settings import Settings, SettingsError  # noqa: E402
+
+try:
+    _settings = Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"flaskapi-observability: configuration error: {exc}")
 
 wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")
-workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() + 1)
+workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
+threads = _settings.gunicorn_threads
 # Sync workers: one request at a time per process, so a worker needs one database connection
 # and a crash takes down exactly one in-flight request.
-worker_class = "sync"
+worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
 keepalive = 5
@@ -26,17 +50,21 @@ proc_name = "flaskapi"
 # systemd (HUP, TERM) and the metrics port already cover operating the service.
 control_socket_disable = True
 
-# --- settings and logging: validated once in the master, before any worker starts -----------
-import sys  # noqa: E402
-
-import logging_conf  # noqa: E402
-from service.settings import Settings, SettingsError  # noqa: E402
-
-try:
-    _settings = Settings.from_env()
-except SettingsError as exc:
-    sys.exit(f"flaskapi-observability: configuration error: {exc}")
-
 # Same JSON handlers for the master, gunicorn's error log and every worker's app loggers.
 logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
 accesslog = None  # the app writes one access line per request (with route, user, request id)
+
+# Merged metrics, worker deaths reported (log line, counter, Sentry event).
+_hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
+                     version=_settings.version)
+on_starting = _hooks.on_starting
+when_ready = _hooks.when_ready
+child_exit = _hooks.child_exit
+
+
+def on_exit(server):
+    _hooks.on_exit(server)
+    if _private_metrics_dir:
+        import shutil
+
+        shutil.rmtree(_private_metrics_dir, ignore_errors=True)

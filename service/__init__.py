@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_blueprints(app, settings)
     register_errorhandlers(app)
     register_commands(app)
+    register_observability(app, settings)
     return app
 
 
@@ -50,7 +51,10 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
+    from sqlalchemy.pool import QueuePool
+
     from service.errors import ERROR_SCHEMA
+    from service.observability.metrics import InstrumentedQueuePool
 
     database_uri = settings.database_uri
     if database_uri is None:
@@ -71,6 +75,7 @@ def configure(app: APIFlask, settings: Settings) -> None:
             # A connection broken by a database restart is noticed at checkout and replaced,
             # so the service recovers by itself when the database comes back.
             "pool_pre_ping": True,
+            "poolclass": InstrumentedQueuePool if settings.metrics_enabled else QueuePool,
             "connect_args": {
                 "connect_timeout": settings.db_connect_timeout,
                 "application_name": "flaskapi-observability",
@@ -135,3 +140,15 @@ def register_commands(app: APIFlask) -> None:
 
     app.cli.add_command(db_custom)
 
+
+
+def register_observability(app: APIFlask, settings: Settings) -> None:
+    """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is)."""
+    from service.extensions import db
+    from service.observability import metrics, sentry
+
+    metrics.init_app(app, enabled=settings.metrics_enabled)
+    if settings.metrics_enabled:
+        with app.app_context():
+            metrics.instrument_engine(db.engine, capacity=settings.pool_size + settings.max_overflow)
+    sentry.init_app(app, settings)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 
 import click
 from faker import Faker
 from flask import current_app
+from psycopg2 import errors as pg_errors
 from flask.cli import AppGroup
 from sqlalchemy import text
 
@@ -53,11 +55,18 @@ def seed(users: int, books: int, password: str, random_seed: int | None) -> None
     try:
         cursor = raw.cursor()
         emails = [f"seed-{run:08x}-{i}@example.com" for i in range(users)]
-        _copy(cursor, "users", "email, password_hash", [f"{e}\t{password_hash}\n" for e in emails])
+        try:
+            _copy(cursor, "users", "email, password_hash", [f"{e}\t{password_hash}\n" for e in emails])
+        except pg_errors.UniqueViolation:
+            # The same --seed gives the same emails: a second run on one database collides.
+            raw.rollback()
+            raise click.ClickException(
+                f"--seed {random_seed} was already used on this database (its users exist); "
+                "pick another --seed, or drop the data first") from None
         cursor.execute("SELECT id FROM users WHERE email = ANY(%s)", (emails,))
         owner_ids = [row[0] for row in cursor.fetchall()]
         with click.progressbar(length=books, label=f"Seeding {books} books",
-                               show_pos=True, file=click.get_text_stream("stderr")) as bar:
+                               show_pos=True, file=sys.stderr) as bar:  # click 8.5 deprecates get_text_stream
             remaining = books
             while remaining:
                 n = min(CHUNK, remaining)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from apiflask import APIFlask, HTTPError
@@ -119,8 +120,9 @@ def require_json_body() -> Response | None:
 
 def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
     timeout = current_app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_timeout"]
-    log.warning("db pool exhausted: no connection within %.1fs", timeout,
-                extra={"event": "db_pool_timeout", "pool_wait_s": timeout})
+    waited = time.perf_counter() - g.get("request_started", time.perf_counter())
+    log.warning("db pool exhausted: no connection within %.1fs (request waited %.2fs)", timeout, waited,
+                extra={"event": "db_pool_timeout", "pool_timeout_s": timeout, "waited_s": round(waited, 3)})
     return error_response(503, "The service is saturated: no database connection was free; retry shortly",
                           code="db_pool_exhausted",
                           headers={"Retry-After": str(max(1, math.ceil(timeout)))})

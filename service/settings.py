@@ -121,6 +121,12 @@ class Settings:
     log_backup_count: int
     log_gzip: bool
     log_console: bool
+    metrics_enabled: bool
+    metrics_bind: str
+    sentry_dsn: str | None
+    sentry_environment: str | None
+    sentry_traces_sample_rate: float
+    gunicorn_threads: int
 
     @property
     def is_production(self) -> bool:
@@ -196,6 +202,12 @@ class Settings:
             log_backup_count=_int(env, "LOG_BACKUP_COUNT", 14, minimum=0),
             log_gzip=_bool(env, "LOG_GZIP", False),
             log_console=_bool(env, "LOG_CONSOLE", True),
+            metrics_enabled=_bool(env, "METRICS_ENABLED", True),
+            metrics_bind=env.get("METRICS_BIND") or "127.0.0.1:9200",
+            sentry_dsn=env.get("SENTRY_DSN") or None,
+            sentry_environment=env.get("SENTRY_ENVIRONMENT") or None,
+            sentry_traces_sample_rate=_float(env, "SENTRY_TRACES_SAMPLE_RATE", 0.05, minimum=0.0),
+            gunicorn_threads=_int(env, "GUNICORN_THREADS", 1, minimum=1),
         )
 
 

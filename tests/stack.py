@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,14 @@ class Gunicorn:
     def __init__(self, env: dict[str, str], *, workers: int = 3, log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
+        # As a launcher must: a fresh, empty multiprocess metrics directory for every start.
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))
         self.env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}",
+                    "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
                     "WEB_CONCURRENCY": str(workers)}
         self.process: subprocess.Popen | None = None
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import logging
 import os
 
+from service.observability.sentry import flush
+
 log = logging.getLogger("service.crash")
 
 
 def crash():
+    # The error line is also the Sentry event (logging integration), tagged with the request id.
     log.error("crash requested: worker %d exits now via os._exit(1)", os.getpid(),
               extra={"event": "crash_requested"})
     for handler in logging.getLogger().handlers:
         handler.flush()
+    flush()
     os._exit(1)

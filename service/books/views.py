@@ -5,8 +5,9 @@ from apiflask import APIBlueprint, Schema
 from apiflask.fields import DateTime, Integer, List, Nested, String
 from flask import current_app, request, url_for
 from flask_jwt_extended import get_jwt_identity, jwt_required
-from marshmallow import validate
+from marshmallow import RAISE, validate
 from sqlalchemy.exc import IntegrityError
+from werkzeug.routing import BaseConverter
 
 from service.books import queries
 from service.errors import APIError
@@ -17,7 +18,29 @@ bp = APIBlueprint("books", __name__, url_prefix="/books", tag="Books")
 
 MAX_ID = 2**63 - 1  # Postgres bigint: larger ids cannot exist, so they are 404 not a driver error
 PAGE_MAX = 100
-BOOK_ID = f"<int(min=1, max={MAX_ID}):book_id>"
+
+
+class BookIdConverter(BaseConverter):
+    """A book id in the path: digits. An id no book can have (0, beyond bigint) becomes 0, which
+    matches no row, so every method answers 404. (A range on werkzeug's `int` converter fails the
+    match instead, and werkzeug then answers PUT/PATCH/DELETE /books/0 with 405 "Allow: GET".)"""
+
+    regex = r"\d+"
+    weight = 50
+
+    def to_python(self, value: str) -> int:
+        if len(value) > len(str(MAX_ID)):
+            return 0
+        number = int(value)
+        return number if number <= MAX_ID else 0
+
+    def to_url(self, value) -> str:
+        return str(int(value))
+
+
+# Runs before the routes below are added to an app (deferred functions run in order).
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("book_id", BookIdConverter))
+BOOK_ID = "<book_id:book_id>"
 AUTH_DOC = {"security": "BearerAuth"}
 
 
@@ -74,7 +97,7 @@ def _forbidden() -> APIError:
 
 
 @bp.get("/", strict_slashes=False)
-@bp.input(PageQuery, location="query", arg_name="query")
+@bp.input(PageQuery, location="query", arg_name="query", unknown=RAISE)  # a typo is not ignored
 @bp.output(BookPage)
 @bp.doc(summary="List books, newest first, one keyset page at a time")
 def list_books(query):

@@ -1,0 +1,119 @@
+"""Prometheus metrics recorded by each worker: HTTP (prometheus-flask-exporter) and the DB pool.
+
+prometheus_client runs in multiprocess mode: every worker writes its samples to files in
+PROMETHEUS_MULTIPROC_DIR and the gunicorn master serves them merged on METRICS_BIND
+(gunicorn_hooks.py), so values are summed across workers and the public port never exposes
+them. PROMETHEUS_MULTIPROC_DIR must be set before Python starts (the launcher wipes it);
+without it, as under `flask run` or in-process tests, recording is off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flask import Flask, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import QueuePool
+
+log = logging.getLogger(__name__)
+
+# 5 ms .. 30 s: fast reads, argon2 logins (~50-100 ms) and the lesson's 30 s stalls all resolve.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
+                   1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                     1.0, 2.5, 5.0, 10.0, 30.0)
+
+# registry=None: in multiprocess mode samples go to files whatever the registry, and module-level
+# metrics must not be registered twice when tests build several apps in one process.
+IN_PROGRESS = Gauge("flask_http_requests_in_progress", "Requests being served right now",
+                    registry=None, multiprocess_mode="livesum")
+POOL_CAPACITY = Gauge("flaskapi_db_pool_capacity", "Connections the pools may open (size + overflow)",
+                      registry=None, multiprocess_mode="livesum")
+POOL_CHECKED_OUT = Gauge("flaskapi_db_pool_checked_out", "Connections lent to requests now",
+                         registry=None, multiprocess_mode="livesum")
+POOL_OVERFLOW = Gauge("flaskapi_db_pool_overflow_in_use", "Connections open beyond the pool size",
+                      registry=None, multiprocess_mode="livesum")
+POOL_WAIT = Histogram("flaskapi_db_pool_wait_seconds", "Time to obtain a pooled connection",
+                      registry=None, buckets=POOL_WAIT_BUCKETS)
+POOL_TIMEOUTS = Counter("flaskapi_db_pool_checkout_timeouts_total",
+                        "Requests that found no free connection within DB_POOL_TIMEOUT", registry=None)
+POOL_INVALIDATED = Counter("flaskapi_db_pool_connections_invalidated_total",
+                           "Connections dropped as broken (database restart, network)", registry=None)
+
+
+def recording() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class InstrumentedQueuePool(QueuePool):
+    """QueuePool that times every checkout and counts the ones that time out."""
+
+    def connect(self):  # noqa: D102 (QueuePool's public API)
+        started = time.perf_counter()
+        try:
+            connection = super().connect()
+        except PoolTimeout:
+            POOL_TIMEOUTS.inc()
+            raise
+        finally:
+            POOL_WAIT.observe(time.perf_counter() - started)
+        return connection
+
+
+def route(req) -> str:
+    """The `route` label: the route template, never the raw path (ids would explode the label set)."""
+    return req.url_rule.rule if req.url_rule is not None else "<unmatched>"
+
+
+def init_app(app: Flask, *, enabled: bool) -> None:
+    if not (enabled and recording()):
+        log.info("metrics recording off (PROMETHEUS_MULTIPROC_DIR unset or METRICS_ENABLED=0)")
+        return
+    from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
+
+    # A registry per app: the exporter registers its metrics on it, and a second app in one
+    # process (tests) would otherwise find them taken and silently skip its hooks.
+    GunicornPrometheusMetrics(app, path=None, registry=CollectorRegistry(auto_describe=True),
+                              group_by=route, buckets=LATENCY_BUCKETS)
+
+    @app.before_request
+    def _enter() -> None:
+        request.environ["flaskapi.in_progress"] = True
+        IN_PROGRESS.inc()
+
+    @app.teardown_request
+    def _leave(exc) -> None:
+        if request.environ.pop("flaskapi.in_progress", False):
+            IN_PROGRESS.dec()
+
+
+def instrument_engine(engine: Engine, *, capacity: int) -> None:
+    """Pool gauges from SQLAlchemy's pool events. Values are written on the first connection of
+    each worker, never in the gunicorn master (whose files would count as a live process)."""
+    if not recording():
+        return
+
+    @event.listens_for(engine, "first_connect")
+    def _first(dbapi_connection, record) -> None:
+        POOL_CAPACITY.set(capacity)
+
+    # Read the pool's own counts rather than inc/dec: a checkout that fails half-way (pre-ping
+    # during a database restart) still checks in, and a counter would drift negative.
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, proxy) -> None:
+        POOL_CHECKED_OUT.set(engine.pool.checkedout())
+        POOL_OVERFLOW.set(max(0, engine.pool.overflow()))
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_connection, record) -> None:
+        # fired just before the connection goes back, so it still counts as checked out
+        POOL_CHECKED_OUT.set(max(0, engine.pool.checkedout() - 1))
+        POOL_OVERFLOW.set(max(0, engine.pool.overflow()))
+
+    @event.listens_for(engine, "invalidate")
+    def _invalidated(dbapi_connection, record, exception) -> None:
+        POOL_INVALIDATED.inc()

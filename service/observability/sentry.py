@@ -1,0 +1,121 @@
+"""Crash reports to Sentry (sentry-sdk), on only when SENTRY_DSN is set.
+
+What becomes an event: every log record at WARNING or above (the logging integration), so the
+log line and the Sentry event are the same fact with the same request id. The access log and
+gunicorn's own error log are left out: the first would double every 5xx, and worker deaths are
+reported by our master hook with structured tags instead (gunicorn_hooks.py).
+
+Nothing secret leaves the process: `scrub` runs on every event and drops cookies, auth headers,
+auth-route bodies, and any value under a sensitive key or that looks like a token.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+import sentry_sdk
+from flask import Flask, g
+from sentry_sdk.integrations.flask import FlaskIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
+
+from logging_conf.formatter import redact
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SENSITIVE_KEY = re.compile(r"(?i)pass(word|wd)?|secret|token|authorization|cookie|session|jwt|api[-_]?key")
+FILTERED = "[Filtered]"
+# The same degraded-mode message from one process is sent once a minute at most: under a load
+# test a pool timeout can happen thousands of times, and one event says it all.
+RATE_LIMIT_SECONDS = 60.0
+RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable"})
+_last_sent: dict[str, float] = {}
+_rate_lock = threading.Lock()
+
+
+def init(settings: Settings) -> bool:
+    """Initialise once per process tree (the master, with preload; workers inherit it)."""
+    if not settings.sentry_dsn:
+        return False
+    if sentry_sdk.get_client().is_active():
+        return True
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn,
+        environment=settings.sentry_environment or settings.env,
+        release=f"flaskapi-observability@{settings.version}",
+        traces_sample_rate=settings.sentry_traces_sample_rate,
+        send_default_pii=False,
+        max_request_body_size="small",
+        integrations=[
+            FlaskIntegration(transaction_style="url"),
+            SqlalchemyIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.WARNING),
+        ],
+        before_send=scrub,
+        before_send_transaction=scrub,
+    )
+    ignore_logger("service.access")
+    ignore_logger("gunicorn.error")
+    ignore_logger("gunicorn.access")
+    return True
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    if not init(settings):
+        return
+
+    @app.before_request
+    def _tag_request_id() -> None:
+        sentry_sdk.get_isolation_scope().set_tag("request_id", g.get("request_id"))
+
+
+def flush(timeout: float = 2.0) -> None:
+    """Block until queued events are sent (before a deliberate os._exit)."""
+    if sentry_sdk.get_client().is_active():
+        sentry_sdk.flush(timeout)
+
+
+def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    request = event.get("request")
+    if isinstance(request, dict):
+        request.pop("cookies", None)
+        url = str(request.get("url", ""))
+        if "/auth/" in url:
+            request.pop("data", None)  # credentials live in auth bodies
+        headers = request.get("headers")
+        if isinstance(headers, dict):
+            for name in list(headers):
+                if SENSITIVE_KEY.search(name):
+                    headers[name] = FILTERED
+    event = _scrub_value(event)
+    return None if _rate_limited(event) else event
+
+
+def _scrub_value(value: Any, key: str = "") -> Any:
+    if key and SENSITIVE_KEY.search(key) and isinstance(value, (str, bytes, int, float)):
+        return FILTERED
+    if isinstance(value, dict):
+        return {k: _scrub_value(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_value(v) for v in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
+
+
+def _rate_limited(event: dict[str, Any]) -> bool:
+    """Degraded-mode reports (pool exhausted, database down): one per kind per minute."""
+    kind = (event.get("extra") or {}).get("event")
+    if kind not in RATE_LIMITED_EVENTS:
+        return False
+    now = time.monotonic()
+    with _rate_lock:
+        last = _last_sent.get(kind)
+        if last is not None and now - last < RATE_LIMIT_SECONDS:
+            return True
+        _last_sent[kind] = now
+    return False
