@@ -63,6 +63,10 @@ def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "
             "werkzeug": {"level": "WARNING", "handlers": [], "propagate": True},
             "alembic": {"level": "INFO", "handlers": [], "propagate": True},
             "pgserver": {"level": "WARNING", "handlers": [], "propagate": True},
+            # SQLAlchemy names pool loggers after the pool class; dispose/recreate chatter is noise.
+            "sqlalchemy": {"level": "WARNING", "handlers": [], "propagate": True},
+            "service.observability.metrics.InstrumentedQueuePool": {"level": "WARNING", "handlers": [],
+                                                                    "propagate": True},
         },
     }
 

@@ -1,0 +1,90 @@
+"""A local stand-in for Sentry's ingestion endpoint that speaks its wire protocol.
+
+sentry-sdk POSTs envelopes (newline-delimited JSON: an envelope header, then item headers and
+payloads; gzip or brotli compressed) to /api/<project_id>/envelope/. We decode them exactly as
+Sentry would, so the SDK runs unpatched end to end.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import brotli
+
+
+def parse_envelope(body: bytes) -> list[tuple[dict, bytes]]:
+    """[(item header, payload)] of an envelope, honouring explicit item lengths."""
+    header_end = body.index(b"\n") if b"\n" in body else len(body)
+    rest = body[header_end + 1:]
+    items = []
+    while rest.strip():
+        line_end = rest.index(b"\n") if b"\n" in rest else len(rest)
+        item_header = json.loads(rest[:line_end])
+        rest = rest[line_end + 1:]
+        length = item_header.get("length")
+        if length is None:
+            payload_end = rest.index(b"\n") if b"\n" in rest else len(rest)
+        else:
+            payload_end = length
+        items.append((item_header, rest[:payload_end]))
+        rest = rest[payload_end + 1:]
+    return items
+
+
+class SentryReceiver:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.raw: list[bytes] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                encoding = self.headers.get("Content-Encoding", "")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "br":
+                    body = brotli.decompress(body)
+                with receiver._lock:
+                    receiver.raw.append(body)
+                    for header, payload in parse_envelope(body):
+                        if header.get("type") in ("event", "transaction"):
+                            receiver.events.append(json.loads(payload))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"id": "0"}')
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.dsn = f"http://publickey@127.0.0.1:{self.port}/1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "SentryReceiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def errors(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if e.get("type") != "transaction"]
+
+    def wait_for(self, predicate, *, count: int = 1, timeout: float = 15.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            matched = [e for e in self.errors() if predicate(e)]
+            if len(matched) >= count:
+                return matched
+            time.sleep(0.1)
+        raise AssertionError(f"expected {count} matching Sentry events within {timeout}s, "
+                             f"got {[e.get('message') or e.get('logentry') for e in self.errors()]}")
