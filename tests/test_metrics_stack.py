@@ -1,0 +1,177 @@
+"""Metrics and crash reports from a real gunicorn with three workers."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+
+from tests.conftest import stack_env
+from tests.sentry_receiver import SentryReceiver
+from tests.stack import Gunicorn
+
+pytestmark = pytest.mark.stack
+
+WORKERS = 3
+
+
+def scrape(stack: Gunicorn) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the master's metrics port."""
+    body = requests.get(stack.metrics_url, timeout=5).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples, name, **labels) -> float:
+    """Sum over every label set that includes `labels`."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and set(labels.items()) <= set(ls))
+
+
+def worker_pids(samples) -> set[str]:
+    return {dict(ls)["pid"] for (n, ls), _ in samples.items()
+            if n == "flaskapi_process_resident_memory_bytes" and dict(ls)["role"] == "worker"}
+
+
+@pytest.fixture(scope="module")
+def stack(migrated_database, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("metrics")
+    with SentryReceiver() as receiver:
+        env = stack_env(migrated_database("test_metrics"), data_dir, CRASH_ROUTE_ENABLED="1",
+                        SENTRY_DSN=receiver.dsn, SENTRY_TRACES_SAMPLE_RATE="0")
+        with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
+            deadline = time.monotonic() + 15
+            while value(scrape(stack), "flaskapi_workers_alive") < WORKERS and time.monotonic() < deadline:
+                time.sleep(0.1)  # the master spawns workers one after another
+            stack.receiver = receiver
+            stack.data_dir = data_dir
+            stack.db_uri = env["DB_URI"]
+            yield stack
+
+
+def test_series_are_present_and_move_with_requests(stack):
+    before = scrape(stack)
+    for series in ("flaskapi_db_pool_capacity", "flaskapi_build_info", "flaskapi_workers_alive",
+                   "flaskapi_database_up", "flaskapi_worker_restarts_total"):
+        assert any(name == series for name, _ in before), series
+    assert value(before, "flaskapi_build_info", version="0.1.0", workers=str(WORKERS)) == 1
+    assert value(before, "flaskapi_workers_alive") == WORKERS
+    assert value(before, "flaskapi_database_up") == 1
+    assert len(worker_pids(before)) == WORKERS
+
+    n = 60
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(lambda _: requests.get(stack.url + "/books/7", timeout=10).status_code, range(n)))
+    assert statuses == [404] * n
+    after = scrape(stack)
+    route = "/books/<book_id:book_id>"
+    count = "flask_http_request_duration_seconds_count"
+    # one series per route template, summed across workers: exactly the n requests just made
+    assert value(after, count, method="GET", route=route, status="404") - \
+        value(before, count, method="GET", route=route, status="404") == n
+    assert not any("/books/7" in dict(ls).get("route", "") for _, ls in after)  # never the raw path
+    assert total(after, "flaskapi_db_pool_wait_seconds_count") - total(before, "flaskapi_db_pool_wait_seconds_count") >= n
+    # each worker that connected reports its capacity once: the sum is workers x (size + overflow)
+    capacity = value(after, "flaskapi_db_pool_capacity")
+    assert capacity in {10.0 * k for k in range(1, WORKERS + 1)}
+    assert value(after, "flaskapi_db_pool_checked_out") == 0  # all returned after the requests
+    assert value(after, "flask_http_requests_in_progress") == 0
+    buckets = {dict(ls)["le"] for (name, ls), _ in after.items()
+               if name == "flask_http_request_duration_seconds_bucket"}
+    assert {"0.005", "30.0"} <= buckets
+    for pid in worker_pids(after):
+        assert value(after, "flaskapi_process_resident_memory_bytes", pid=pid, role="worker") > 10e6
+        assert value(after, "flaskapi_process_cpu_seconds_total", pid=pid, role="worker") >= 0
+
+
+def test_metrics_are_not_served_on_the_public_port(stack):
+    response = requests.get(stack.url + "/metrics", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
+    crashes = 3
+    before = scrape(stack)
+    restarts_before = value(before, "flaskapi_worker_restarts_total")
+    creds = {"email": f"load-{uuid.uuid4().hex[:8]}@example.com", "password": "secret-pass"}
+    assert requests.post(stack.url + "/auth/register", json=creds, timeout=10).status_code == 201
+    token = requests.post(stack.url + "/auth/login", json=creds, timeout=10).json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+
+    acknowledged: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        for i in range(2000):
+            if stop.is_set():
+                return
+            try:
+                response = requests.post(stack.url + "/books/", json={"title": f"load {i}"},
+                                         headers=auth, timeout=10)
+            except requests.ConnectionError as exc:  # only the crashing worker's request may die
+                failures.append(repr(exc))
+                continue
+            if response.status_code == 201:
+                acknowledged.append(response.json()["id"])
+            else:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(crashes):
+            with pytest.raises(requests.ConnectionError):  # the worker dies mid-request
+                requests.get(stack.url + "/auth/crash", timeout=10)
+            time.sleep(0.7)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+
+    after = scrape(stack)
+    assert value(after, "flaskapi_worker_restarts_total") - restarts_before == crashes
+    assert value(after, "flaskapi_worker_exits_total", cause="exit code 1") >= crashes
+    assert value(after, "flaskapi_workers_alive") == WORKERS
+    # Requests on other workers kept succeeding; a crash only kills its own in-flight request,
+    # and the writers never share a worker with /auth/crash's request.
+    assert len(acknowledged) > 50
+    assert failures == []
+    engine = create_engine(stack.db_uri)
+    with engine.connect() as conn:
+        stored = set(conn.execute(text("SELECT id FROM books WHERE id = ANY(:ids)"),
+                                  {"ids": acknowledged}).scalars())
+    engine.dispose()
+    assert stored == set(acknowledged)
+
+    # The master logged each death with pid and cause; the crash route logged its request id.
+    lines = [json.loads(line) for path in (stack.data_dir / "logs").glob("app.log*")
+             for line in path.read_text().splitlines()]
+    deaths = [line for line in lines if line.get("event") == "worker_died"]
+    requested = [line for line in lines if line.get("event") == "crash_requested"]
+    assert len(deaths) >= crashes and len(requested) >= crashes
+    crashed = {r["pid"] for r in requested}
+    assert {d["worker_pid"] for d in deaths} >= crashed
+    assert len(worker_pids(after)) == WORKERS and not crashed & {int(p) for p in worker_pids(after)}
+    assert all(r["request_id"] for r in requested)
+
+    # Sentry: one event from each dying worker (with its request id) and one from the master.
+    receiver = stack.receiver
+    master_events = receiver.wait_for(lambda e: e.get("tags", {}).get("cause") == "exit code 1", count=crashes)
+    assert {int(e["tags"]["worker_pid"]) for e in master_events} >= {r["pid"] for r in requested}
+    crash_events = receiver.wait_for(lambda e: (e.get("logger") == "service.crash"), count=crashes)
+    assert {e["tags"]["request_id"] for e in crash_events} >= {r["request_id"] for r in requested}
