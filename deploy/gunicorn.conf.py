@@ -14,6 +14,14 @@ import os
 import sys
 import tempfile
 
+import logging_conf
+from service.settings import Settings, SettingsError
+
+try:
+    _settings = Settings.from_env()
+except SettingsError as exc:
+    sys.exit(f"flaskapi-observability: configuration error: {exc}")
+
 # Before anything imports prometheus_client, which reads this variable once at import.
 _private_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -23,14 +31,7 @@ if not os.path.isdir(_metrics_dir) or os.listdir(_metrics_dir):
     sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
              "directory: wipe it before starting (stale files from an earlier run would be merged in)")
 
-import logging_conf  # noqa: E402
 from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
-from service.settings import Settings, SettingsError  # noqa: E402
-
-try:
-    _settings = Settings.from_env()
-except SettingsError as exc:
-    sys.exit(f"flaskapi-observability: configuration error: {exc}")
 
 wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")

@@ -130,9 +130,12 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
 
 
 def register_errorhandlers(app: APIFlask) -> None:
+    from service.books.views import MAX_ID
     from service.errors import register_error_handlers
+    from service.openapi import register_spec_processor
 
     register_error_handlers(app)
+    register_spec_processor(app, max_id=MAX_ID)
 
 
 def register_commands(app: APIFlask) -> None:

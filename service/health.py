@@ -18,7 +18,7 @@ def healthz():
 
 
 @bp.get("/readyz")
-@bp.doc(summary="The database answers", responses={503: "Database unreachable"})
+@bp.doc(summary="The database answers", responses={200: "Ready", 503: "Database unreachable"})
 def readyz():
     try:
         with db.engine.connect() as conn:

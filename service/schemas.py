@@ -16,9 +16,12 @@ def _storable(value: str) -> None:
 
 
 def text(*, min_length: int, max_length: int, **kwargs) -> fields.String:
-    """A string with length bounds that is always safe to store."""
+    """A string with length bounds that is always safe to store. (The Regexp documents the NUL
+    rule in the OpenAPI document as a `pattern`; `_storable` also refuses lone surrogates.)"""
     return fields.String(
-        validate=[validate.Length(min=min_length, max=max_length), _storable],
+        validate=[validate.Length(min=min_length, max=max_length),
+                  validate.Regexp("^[^\x00]*$", error="Must not contain NUL characters."),
+                  _storable],
         **kwargs,
     )
 

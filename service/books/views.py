@@ -42,6 +42,7 @@ class BookIdConverter(BaseConverter):
 bp.record_once(lambda state: state.app.url_map.converters.setdefault("book_id", BookIdConverter))
 BOOK_ID = "<book_id:book_id>"
 AUTH_DOC = {"security": "BearerAuth"}
+OWNER_ONLY = {403: "Not the book's owner", 404: "No such book"}
 
 
 class BookIn(Schema):
@@ -143,7 +144,7 @@ def _update(book_id: int, values: dict):
 @jwt_required()
 @bp.input(BookIn, arg_name="body")
 @bp.output(BookOut)
-@bp.doc(summary="Replace a book's fields (owner only)", **AUTH_DOC)
+@bp.doc(summary="Replace a book's fields (owner only)", responses=OWNER_ONLY, **AUTH_DOC)
 def replace_book(book_id, body):
     return _update(book_id, body)
 
@@ -152,7 +153,7 @@ def replace_book(book_id, body):
 @jwt_required()
 @bp.input(BookPatch, arg_name="body")
 @bp.output(BookOut)
-@bp.doc(summary="Change some of a book's fields (owner only)", **AUTH_DOC)
+@bp.doc(summary="Change some of a book's fields (owner only)", responses=OWNER_ONLY, **AUTH_DOC)
 def patch_book(book_id, body):
     if not body:
         raise APIError(422, "Send at least one of: title, author", details={"json": {"_schema": ["empty"]}})
@@ -162,7 +163,7 @@ def patch_book(book_id, body):
 @bp.delete(f"/{BOOK_ID}")
 @jwt_required()
 @bp.output({}, status_code=204)
-@bp.doc(summary="Delete a book (owner only)", **AUTH_DOC)
+@bp.doc(summary="Delete a book (owner only)", responses=OWNER_ONLY, **AUTH_DOC)
 def delete_book(book_id):
     deleted, exists = queries.delete_owned(book_id=book_id, owner_id=_current_user_id())
     if not deleted:

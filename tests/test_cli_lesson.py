@@ -1,0 +1,153 @@
+"""The lesson's commands as a user types them, from the repo root, against a fresh database:
+
+    python -m flask db upgrade          (twice: the second is a no-op)
+    python -m flask db-custom seed
+    python -m flask db-custom drop      (then upgrade again)
+    python -m flask run -h 127.0.0.1 -p PORT
+
+The app is found through the repo's .flaskenv (FLASK_APP=service), as for the user. Every
+process runs in its own session and is stopped by PID with timeouts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from sqlalchemy import create_engine, inspect, text
+
+from service import devdb
+
+from stack import ROOT, free_port
+
+pytestmark = pytest.mark.stack
+
+APP_TABLES = {"users", "books", "alembic_version"}
+
+
+@pytest.fixture(scope="module")
+def cli_env(postgres, tmp_path_factory) -> dict[str, str]:
+    """DB_URI of a fresh database and FLASK_ENV=development; data and logs kept out of the repo."""
+    data_dir = tmp_path_factory.mktemp("cli")
+    uri = devdb.create_database(postgres, "test_cli")
+    dropped = ("FLASK_APP", "FLASK_DEBUG", "FLASK_RUN_PORT", "FLASK_RUN_HOST", "JWT_SECRET_KEY",
+               "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(DB_URI=uri, FLASK_ENV="development", DATA_DIR=str(data_dir),
+               LOG_DIR=str(data_dir / "logs"))
+    return env
+
+
+def flask(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    process = subprocess.Popen([sys.executable, "-m", "flask", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate(timeout=10)
+        pytest.fail(f"flask {' '.join(args)} did not finish within {timeout}s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, \
+        f"{result.args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+class Database:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __enter__(self):
+        self.engine = create_engine(self.uri)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.dispose()
+
+    def tables(self) -> set[str]:
+        return set(inspect(self.engine).get_table_names())
+
+    def scalar(self, sql: str):
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+
+
+def test_upgrade_seed_drop_upgrade(cli_env):
+    with Database(cli_env["DB_URI"]) as db:
+        assert db.tables() == set()
+
+        first = ok(flask(cli_env, "db", "upgrade"))
+        assert "Running upgrade  -> 0001" in first.stdout + first.stderr
+        assert db.tables() == APP_TABLES
+        assert db.scalar("SELECT version_num FROM alembic_version") == "0001"
+
+        second = ok(flask(cli_env, "db", "upgrade"))
+        assert "Running upgrade" not in second.stdout + second.stderr  # nothing left to apply
+        assert db.tables() == APP_TABLES
+        assert db.scalar("SELECT count(*) FROM alembic_version") == 1
+
+        seeded = ok(flask(cli_env, "db-custom", "seed"))
+        assert "Seeded 10 users" in seeded.stdout and "1000 books" in seeded.stdout
+        assert db.scalar("SELECT count(*) FROM users") == 10
+        assert db.scalar("SELECT count(*) FROM books") == 1000
+        assert db.scalar("SELECT count(*) FROM books b JOIN users u ON u.id = b.owner_id") == 1000
+
+        dropped = ok(flask(cli_env, "db-custom", "drop"))
+        assert "Dropped all tables" in dropped.stdout
+        assert db.tables() == set()
+
+        again = ok(flask(cli_env, "db", "upgrade"))
+        assert "Running upgrade  -> 0001" in again.stdout + again.stderr
+        assert db.tables() == APP_TABLES
+        assert db.scalar("SELECT count(*) FROM users") == 0
+        assert db.scalar("SELECT count(*) FROM books") == 0
+
+
+def stop(process: subprocess.Popen, timeout: float = 10) -> int:
+    """SIGTERM to the process group, SIGKILL if it is still there after `timeout`."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+    return process.returncode
+
+
+def test_flask_run_serves_books(cli_env, tmp_path):
+    ok(flask(cli_env, "db", "upgrade"))  # idempotent: the order of tests does not matter
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "flask-run.out"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=ROOT, env=cli_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            response = None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    response = requests.get(url + "/books/", timeout=2)
+                    break
+                except requests.ConnectionError:
+                    time.sleep(0.2)
+            assert response is not None, f"flask run did not answer (exit {process.poll()}):\n" \
+                                         f"{log.read_text(errors='replace')[-3000:]}"
+            assert response.status_code == 200, response.text
+            assert response.headers["Content-Type"].startswith("application/json")
+            assert response.json() == {"items": [], "next_cursor": None}  # fresh tables
+        finally:
+            returncode = stop(process)
+    assert returncode is not None  # it is gone
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/books/", timeout=2)

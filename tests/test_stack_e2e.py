@@ -1,0 +1,192 @@
+"""The real stack end to end: a database migrated by the real CLI, gunicorn with the real config
+(production mode, the default OWASP hashing cost, three workers), the lesson's locustfile
+unmodified against it, and the production guard that refuses to start a weak configuration.
+
+Every process is started here and stopped here, by PID (process group), with timeouts.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from service import devdb
+
+from stack import GUNICORN, ROOT, Gunicorn, free_port
+
+pytestmark = pytest.mark.stack
+
+SECRET = "s" * 48  # 48 bytes: passes the production guard
+# Empty means "use the default" to Settings, so an ambient value cannot lower the cost or turn
+# the crash route on; nothing here is left to whatever the caller's shell exports.
+DEFAULTS = {"PASSWORD_HASH_TIME_COST": "", "PASSWORD_HASH_MEMORY_KIB": "",
+            "PASSWORD_HASH_PARALLELISM": "", "CRASH_ROUTE_ENABLED": ""}
+LOCUST_USERS = 30
+
+
+def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command from the repo root in its own process group; kill the group on timeout."""
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=10)
+        pytest.fail(f"{' '.join(args)} did not finish within {timeout}s:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, output, None)
+
+
+def server_errors(output: str) -> list[str]:
+    """The JSON log lines (gunicorn's captured stderr) that record a 5xx answer."""
+    found = []
+    for line in output.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        status = record.get("status") if isinstance(record, dict) else None
+        if isinstance(status, int) and status >= 500:
+            found.append(line)
+    return found
+
+
+def base_env(**values: str) -> dict[str, str]:
+    """The caller's environment without what would change which app runs or where it writes."""
+    dropped = ("FLASK_APP", "FLASK_DEBUG", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(DEFAULTS)
+    env.update(values)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="module")
+def stack_db(postgres, stack_dir) -> str:
+    """A fresh database, migrated by `python -m flask db upgrade` as an operator runs it."""
+    uri = devdb.create_database(postgres, "test_stack")
+    env = base_env(DB_URI=uri, FLASK_ENV="production", JWT_SECRET_KEY=SECRET,
+                   DATA_DIR=str(stack_dir), LOG_DIR=str(stack_dir / "logs"))
+    result = run([sys.executable, "-m", "flask", "db", "upgrade"], env, timeout=120)
+    assert result.returncode == 0, result.stdout
+    engine = create_engine(uri)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    finally:
+        engine.dispose()
+    return uri
+
+
+@pytest.fixture(scope="module")
+def stack(stack_db, stack_dir):
+    env = {"FLASK_ENV": "production", "DB_URI": stack_db, "JWT_SECRET_KEY": SECRET,
+           "DATA_DIR": str(stack_dir), "LOG_DIR": str(stack_dir / "logs"), **DEFAULTS}
+    with Gunicorn(env, workers=3, log_path=stack_dir / "gunicorn.out") as server:
+        yield server
+
+
+def test_locust_lesson_load_has_no_failures(stack, stack_db, stack_dir):
+    prefix = stack_dir / "run"
+    args = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless",
+            "-u", str(LOCUST_USERS), "-r", "10", "-t", "20s", "--host", stack.url,
+            "--csv", str(prefix), "--only-summary"]
+    result = run(args, os.environ.copy(), timeout=90)
+    assert result.returncode == 0, result.stdout[-5000:]
+
+    with open(f"{prefix}_stats.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_name = {(row["Type"], row["Name"]): row for row in rows}
+    total = by_name[("", "Aggregated")]
+    assert int(total["Failure Count"]) == 0, result.stdout[-5000:]
+    assert int(total["Request Count"]) > 100, total
+    for key in [("POST", "/auth/register"), ("POST", "/auth/login"), ("GET", "/books/"),
+                ("POST", "/books/")]:
+        assert key in by_name, sorted(by_name)
+        assert int(by_name[key]["Request Count"]) > 0 and int(by_name[key]["Failure Count"]) == 0
+    # Every simulated user registered and logged in exactly once (no retry loop).
+    assert int(by_name[("POST", "/auth/register")]["Request Count"]) == LOCUST_USERS
+    assert int(by_name[("POST", "/auth/login")]["Request Count"]) == LOCUST_USERS
+    # PUT/DELETE rows are named per book id: present, and all succeeded.
+    for method in ("PUT", "DELETE"):
+        named = [row for (kind, _), row in by_name.items() if kind == method]
+        assert named and all(r["Name"].startswith("/books/") for r in named), sorted(by_name)
+
+    engine = create_engine(stack_db)
+    try:
+        with engine.connect() as conn:
+            users = conn.execute(text("SELECT count(*) FROM users WHERE email LIKE 'test%@test.com'"))
+            assert users.scalar() == LOCUST_USERS
+            # The stored hashes use the default OWASP cost, not a test shortcut.
+            hashes = {row[0] for row in conn.execute(text("SELECT password_hash FROM users"))}
+    finally:
+        engine.dispose()
+    assert hashes and all(h.startswith("$argon2id$v=19$m=19456,t=2,p=1$") for h in hashes), hashes
+
+    # The stack is still healthy after the load, and no request was answered with a 5xx.
+    assert requests.get(stack.url + "/readyz", timeout=5).status_code == 200
+    assert server_errors(stack.output()) == []
+
+
+def test_lists_docs_and_no_crash_route(stack):
+    for path in ("/books", "/books/"):
+        response = requests.get(stack.url + path, timeout=10, allow_redirects=False)
+        assert response.status_code == 200, (path, response.status_code, response.text[:300])
+        assert response.headers["Content-Type"].startswith("application/json")
+        body = response.json()
+        assert isinstance(body["items"], list) and "next_cursor" in body
+
+    spec = requests.get(stack.url + "/openapi.json", timeout=10)
+    assert spec.status_code == 200 and spec.headers["Content-Type"].startswith("application/json")
+    document = spec.json()
+    assert document["openapi"].startswith("3.") and "/books/" in document["paths"]
+    assert "/auth/crash" not in document["paths"]
+
+    docs = requests.get(stack.url + "/docs", timeout=10)
+    assert docs.status_code == 200 and docs.headers["Content-Type"].startswith("text/html")
+    assert "/openapi.json" in docs.text
+
+    crash = requests.get(stack.url + "/auth/crash", timeout=10)
+    assert crash.status_code == 404
+    assert crash.headers["Content-Type"].startswith("application/json")
+    assert crash.json()["error"]["status"] == 404 and crash.json()["error"]["code"] == "not_found"
+    # The worker that answered is still there: nothing crashed.
+    assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("setting", "values"),
+    [
+        ("JWT_SECRET_KEY", {"JWT_SECRET_KEY": "x" * 31}),  # one byte short of the minimum
+        ("DB_URI", {"JWT_SECRET_KEY": SECRET, "DB_URI": "", "DATABASE_URL": ""}),
+    ],
+    ids=["short-jwt-secret", "missing-db-uri"],
+)
+def test_production_guard_refuses_to_start(setting, values, stack_db, tmp_path):
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"  # empty, as a launcher must provide (see stack.Gunicorn)
+    metrics_dir.mkdir()
+    env = base_env(FLASK_ENV="production", DB_URI=stack_db, BIND=f"127.0.0.1:{port}",
+                   METRICS_BIND=f"127.0.0.1:{free_port()}", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+                   WEB_CONCURRENCY="1", DATA_DIR=str(tmp_path), LOG_DIR=str(tmp_path / "logs"))
+    env.update(values)
+    result = run([str(GUNICORN), "-c", str(ROOT / "deploy" / "gunicorn.conf.py")], env, timeout=20)
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stdout.splitlines() if setting in line]
+    assert lines, f"no line names {setting}:\n{result.stdout[-3000:]}"
+    assert "configuration error" in lines[0], lines
+    # It never served: nothing answers on its port.
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
