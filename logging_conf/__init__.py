@@ -62,6 +62,7 @@ def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "
             "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
             "werkzeug": {"level": "WARNING", "handlers": [], "propagate": True},
             "alembic": {"level": "INFO", "handlers": [], "propagate": True},
+            "alembic.runtime.plugins": {"level": "WARNING", "handlers": [], "propagate": True},
             "pgserver": {"level": "WARNING", "handlers": [], "propagate": True},
             # SQLAlchemy names pool loggers after the pool class; dispose/recreate chatter is noise.
             "sqlalchemy": {"level": "WARNING", "handlers": [], "propagate": True},

@@ -136,6 +136,9 @@ def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
 
 
 def _unexpected(exc: Exception) -> Response:
+    from service.observability.metrics import record_unhandled
+
+    record_unhandled(exc)
     log.error("unhandled exception", exc_info=exc, extra={"event": "unhandled_exception"})
     return error_response(500, "Internal server error; the request id identifies it in the logs")
 

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from logging_conf.formatter import JsonFormatter
+from service.observability.metrics import UNHANDLED
 
 REQUIRED = {"timestamp", "level", "logger", "message", "pid"}
 
@@ -78,8 +79,14 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
     def boom():
         raise RuntimeError("exploded inside the view")
 
+    def unhandled_count() -> float:
+        return sum(sample.value for family in UNHANDLED.collect() for sample in family.samples
+                   if sample.name.endswith("_total") and sample.labels == {"route": "/boom", "exception": "RuntimeError"})
+
+    before = unhandled_count()
     response = app.test_client().get("/boom", headers={"X-Request-ID": "boom-1"})
     assert response.status_code == 500
+    assert unhandled_count() - before == 1
     assert "exploded" not in response.get_data(as_text=True)  # no internals to the client
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -93,3 +100,28 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
     access = [line for line in lines if line.get("event") == "access"]
     assert [(a["request_id"], a["status"], a["route"], a["level"]) for a in access] == \
         [("boom-1", 500, "/boom", "ERROR")]
+
+
+def test_rotated_files_are_gzipped_when_asked(tmp_path):
+    import gzip
+    import time
+
+    from concurrent_log_handler import ConcurrentTimedRotatingFileHandler
+
+    import logging_conf
+
+    options = dict(logging_conf.build(log_dir=tmp_path, when="S", interval=1, gzip=True)["handlers"]["file"])
+    assert options.pop("class") == logging_conf.ROTATING_HANDLER
+    options.pop("formatter")
+    handler = ConcurrentTimedRotatingFileHandler(**options)
+    handler.setFormatter(JsonFormatter())
+    try:
+        handler.emit(_record("before rotation"))
+        time.sleep(1.2)
+        handler.emit(_record("after rotation"))
+    finally:
+        handler.close()
+    rotated = list(tmp_path.glob("app.log.*.gz"))
+    assert len(rotated) == 1
+    assert json.loads(gzip.decompress(rotated[0].read_bytes()))["message"] == "before rotation"
+    assert json.loads((tmp_path / "app.log").read_text())["message"] == "after rotation"

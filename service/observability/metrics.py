@@ -31,6 +31,11 @@ POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 # metrics must not be registered twice when tests build several apps in one process.
 IN_PROGRESS = Gauge("flask_http_requests_in_progress", "Requests being served right now",
                     registry=None, multiprocess_mode="livesum")
+# The exporter counts exceptions that escape Flask; ours are all answered by the 500 handler,
+# which records them here instead (by route template and exception type).
+UNHANDLED = Counter("flaskapi_http_unhandled_exceptions_total",
+                    "Requests answered 500 because of an unexpected exception",
+                    ["route", "exception"], registry=None)
 POOL_CAPACITY = Gauge("flaskapi_db_pool_capacity", "Connections the pools may open (size + overflow)",
                       registry=None, multiprocess_mode="livesum")
 POOL_CHECKED_OUT = Gauge("flaskapi_db_pool_checked_out", "Connections lent to requests now",
@@ -67,6 +72,10 @@ class InstrumentedQueuePool(QueuePool):
 def route(req) -> str:
     """The `route` label: the route template, never the raw path (ids would explode the label set)."""
     return req.url_rule.rule if req.url_rule is not None else "<unmatched>"
+
+
+def record_unhandled(exc: BaseException) -> None:
+    UNHANDLED.labels(route=route(request), exception=type(exc).__name__).inc()
 
 
 def init_app(app: Flask, *, enabled: bool) -> None:
