@@ -2,13 +2,28 @@
 start, then list / create (x3) / update (x2) / delete (x2) books, waiting 1-4 s between tasks.
 
     locust -f locustfile.py --host http://127.0.0.1:5000
+
+The load generator's own view (users, requests, failures, response-time percentiles) is served
+for Prometheus on LOCUST_METRICS_BIND (default 127.0.0.1:9646), so dashboards can lay the load
+over the server's behaviour. LOCUST_CRASH_AT=20 (or 20,40) calls /auth/crash once at each of those
+seconds after the test starts (the server needs CRASH_ROUTE_ENABLED=1).
 """
+import logging
+import os
 import random
 import time
+import urllib.error
+import urllib.request
 import uuid
 
+import gevent
 from faker import Faker
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
+from locust.runners import WorkerRunner
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("locustfile")
 
 
 class QuickstartUser(HttpUser):
@@ -71,3 +86,64 @@ class QuickstartUser(HttpUser):
             )
             if response.status_code < 400:
                 self.books.remove(book_id)
+
+
+class LocustCollector:
+    """Reads locust's own statistics at scrape time (on the master, they are aggregated)."""
+
+    QUANTILES = (0.5, 0.95, 0.99)
+
+    def __init__(self, environment):
+        self.environment = environment
+
+    def collect(self):
+        runner = self.environment.runner
+        stats = runner.stats if runner else None
+        yield GaugeMetricFamily("locust_users", "Simulated users running", value=runner.user_count if runner else 0)
+        requests = CounterMetricFamily("locust_requests", "Requests sent", labels=["method", "name"])
+        failures = CounterMetricFamily("locust_failures", "Requests that failed", labels=["method", "name"])
+        percentiles = GaugeMetricFamily("locust_response_time_seconds",
+                                        "Response time percentiles over the last seconds (all requests)",
+                                        labels=["quantile"])
+        if stats is not None:
+            for entry in stats.entries.values():
+                requests.add_metric([entry.method or "", entry.name], entry.num_requests)
+                failures.add_metric([entry.method or "", entry.name], entry.num_failures)
+            for quantile in self.QUANTILES:
+                value = stats.total.get_current_response_time_percentile(quantile)
+                if value is not None:
+                    percentiles.add_metric([str(quantile)], value / 1000.0)
+        yield requests
+        yield failures
+        yield percentiles
+
+
+@events.init.add_listener
+def serve_metrics(environment, **kwargs):
+    if isinstance(environment.runner, WorkerRunner):
+        return  # with --processes, the master serves the aggregated view
+    bind = os.environ.get("LOCUST_METRICS_BIND", "127.0.0.1:9646")
+    if bind in ("", "0", "off"):
+        return
+    host, _, port = bind.rpartition(":")
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(LocustCollector(environment))
+    start_http_server(int(port), addr=host, registry=registry)
+
+
+@events.test_start.add_listener
+def schedule_crashes(environment, **kwargs):
+    if isinstance(environment.runner, WorkerRunner) or not os.environ.get("LOCUST_CRASH_AT"):
+        return
+    delays = sorted(float(s) for s in os.environ["LOCUST_CRASH_AT"].split(","))
+
+    def crash_later():
+        started = time.monotonic()
+        for delay in delays:
+            gevent.sleep(max(0.0, delay - (time.monotonic() - started)))
+            try:
+                urllib.request.urlopen(environment.host.rstrip("/") + "/auth/crash", timeout=10)
+            except (urllib.error.URLError, ConnectionError, OSError) as exc:
+                log.info("crash requested at +%.0fs: %s", delay, exc)  # the worker died mid-request
+
+    gevent.spawn(crash_later)

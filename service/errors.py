@@ -16,6 +16,7 @@ from typing import Any
 
 from apiflask import APIFlask, HTTPError
 from flask import Response, current_app, g, jsonify, request
+from psycopg2.errors import QueryCanceled
 from sqlalchemy import exc as sa_exc
 
 log = logging.getLogger("service.errors")
@@ -129,6 +130,10 @@ def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
 
 
 def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
+    if isinstance(getattr(exc, "orig", None), QueryCanceled):  # DB_STATEMENT_TIMEOUT_MS passed
+        log.warning("database statement timed out", extra={"event": "db_statement_timeout"})
+        return error_response(503, "The database did not answer in time; retry shortly",
+                              code="database_timeout", headers={"Retry-After": "2"})
     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc,
               extra={"event": "db_unavailable"})
     return error_response(503, "The database is unavailable; retry shortly",

@@ -32,7 +32,7 @@ FILTERED = "[Filtered]"
 # The same degraded-mode message from one process is sent once a minute at most: under a load
 # test a pool timeout can happen thousands of times, and one event says it all.
 RATE_LIMIT_SECONDS = 60.0
-RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable"})
+RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout"})
 _last_sent: dict[str, float] = {}
 _rate_lock = threading.Lock()
 

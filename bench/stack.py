@@ -1,0 +1,164 @@
+"""Start and stop the real processes (gunicorn with deploy/gunicorn.conf.py, Prometheus with
+monitoring/prometheus.yml) on free loopback ports; used by the tests, `make demo` and `make bench`.
+Every process is started in its own session and stopped by PID with a timeout."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """gunicorn as a child process group on a free loopback port; always stopped by PID."""
+
+    def __init__(self, env: dict[str, str], *, workers: int = 3, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.log_path = log_path
+        # As a launcher must: a fresh, empty multiprocess metrics directory for every start.
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))
+        self.env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}",
+                    "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+                    "WEB_CONCURRENCY": str(workers)}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "Gunicorn":
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(GUNICORN), "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}: {self.output()[-3000:]}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not answer within {timeout}s: {self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        code = _stop(self.process, timeout)
+        if getattr(self, "_log", None):
+            self._log.close()
+        return code
+
+    def __enter__(self) -> "Gunicorn":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _stop(process: subprocess.Popen | None, timeout: float) -> int | None:
+    if process is None or process.poll() is not None:
+        return process.returncode if process else None
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+    return process.returncode
+
+
+class Prometheus:
+    """The real Prometheus binary with the repo's config and rules, its targets pointed at the
+    given loopback ports and its intervals shortened for a short run."""
+
+    BINARY = "/usr/bin/prometheus"
+
+    def __init__(self, workdir: Path, *, targets: dict[str, str], interval: str = "5s") -> None:
+        if not Path(self.BINARY).exists():
+            raise RuntimeError("Prometheus is not installed: apt-get install prometheus "
+                               "(Debian/Ubuntu; .ci/run installs it)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval=interval, evaluation_interval=interval,
+                                scrape_timeout=interval)
+        config["rule_files"] = [str(ROOT / "monitoring" / rule) for rule in config.get("rule_files", [])]
+        targets = {**targets, "prometheus": f"127.0.0.1:{self.port}"}
+        for job in config["scrape_configs"]:
+            job["scrape_interval"] = interval
+            job["scrape_timeout"] = interval
+            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}] if job["job_name"] in targets else []
+        self.config_path = workdir / "prometheus.yml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "Prometheus":
+        self._log = open(self.workdir / "prometheus.out", "ab")
+        self.process = subprocess.Popen(
+            [self.BINARY, f"--config.file={self.config_path}",
+             f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}")
+            try:
+                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"prometheus did not become ready within {timeout}s")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        code = _stop(self.process, timeout)
+        if getattr(self, "_log", None):
+            self._log.close()
+        return code
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        response = requests.get(self.url + "/api/v1/query_range", timeout=30,
+                                params={"query": expr, "start": start, "end": end, "step": step})
+        body = response.json()
+        if body.get("status") != "success":
+            raise ValueError(f"{expr}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr} if at is None else {"query": expr, "time": at}
+        body = requests.get(self.url + "/api/v1/query", params=params, timeout=30).json()
+        if body.get("status") != "success":
+            raise ValueError(f"{expr}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def __enter__(self) -> "Prometheus":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

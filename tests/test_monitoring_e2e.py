@@ -1,0 +1,119 @@
+"""The dashboard and alerts on real data: gunicorn + Prometheus + a short locust run with one
+crash and one slow-database spell, then every dashboard query evaluated through Prometheus."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+
+from bench import report
+from tests.conftest import stack_env
+from tests.stack import ROOT, Gunicorn, Prometheus, free_port
+
+pytestmark = pytest.mark.stack
+
+RUN_SECONDS = 30
+CRASH_AT = 8
+STALL_AT, STALL_SECONDS = 14, 6
+RATE = "10s"
+
+
+def hold_books_lock(db_uri: str, started: float) -> None:
+    """A slow database: lock the books table so every books query waits past the statement
+    timeout and is answered 503 (database_timeout)."""
+    time.sleep(max(0.0, STALL_AT - (time.monotonic() - started)))
+    engine = create_engine(db_uri)
+    with engine.connect() as conn:
+        conn.execute(text("LOCK TABLE books IN ACCESS EXCLUSIVE MODE"))
+        time.sleep(STALL_SECONDS)
+        conn.rollback()
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def run(migrated_database, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("monitoring")
+    db_uri = migrated_database("test_monitoring")
+    env = stack_env(db_uri, data_dir, CRASH_ROUTE_ENABLED="1", DB_STATEMENT_TIMEOUT_MS="500",
+                    LOG_CONSOLE="0")
+    locust_port = free_port()
+    with Gunicorn(env, workers=3, log_path=data_dir / "gunicorn.out") as stack:
+        targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
+        with Prometheus(data_dir, targets=targets, interval="1s") as prometheus:
+            started_wall, started = time.time(), time.monotonic()
+            staller = threading.Thread(target=hold_books_lock, args=(db_uri, started))
+            staller.start()
+            locust_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+            locust_env.update(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
+            result = subprocess.run(
+                [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "30", "-r", "10",
+                 "-t", f"{RUN_SECONDS}s", "--host", stack.url, "--only-summary", "--exit-code-on-error", "0",
+                 "--stop-timeout", "5"],
+                cwd=ROOT, env=locust_env, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
+            staller.join(30)
+            time.sleep(3)  # two more scrapes after the last request
+            ended = time.time()
+            yield prometheus, started_wall, ended, result, data_dir
+
+
+def test_locust_ran(run):
+    _, _, _, result, _ = run
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_dashboard_query_returns_data(run):
+    prometheus, start, end, _, _ = run
+    empty = []
+    dashboard = report.load()
+    for panel in report.panels(dashboard):
+        for ref, expr, _ in panel.targets:
+            query = report.substitute(expr, rate_interval=RATE, interval="1s", range_="60s")
+            if not prometheus.query_range(query, start, end, 1):
+                empty.append(f"{panel.title} [{ref}]: {query}")
+    for name, expr in report.annotation_exprs(dashboard):
+        query = report.substitute(expr, rate_interval=RATE, interval="1s", range_="60s")
+        if not prometheus.query_range(query, start, end, 1):
+            empty.append(f"annotation {name}: {query}")
+    assert empty == []
+
+
+def test_restart_series_rises_by_exactly_one(run):
+    prometheus, start, end, _, _ = run
+    [series] = prometheus.query_range("sum(flaskapi_worker_restarts_total)", start, end, 1)
+    values = [float(v) for _, v in series["values"]]
+    assert values[-1] - values[0] == 1
+
+
+def test_load_generator_series_are_present(run):
+    prometheus, start, end, _, _ = run
+    users = prometheus.query_range('max(locust_users{job="locust"})', start, end, 1)
+    assert max(float(v) for _, v in users[0]["values"]) == 30
+    requests = prometheus.query(f'sum(max_over_time(locust_requests_total{{job="locust"}}[{int(end - start)}s]))', end)
+    assert float(requests[0]["value"][1]) > 200
+
+
+def test_restart_and_5xx_alert_expressions_fire_on_the_run(run):
+    prometheus, start, end, _, _ = run
+    rules = yaml.safe_load((ROOT / "monitoring" / "rules" / "flaskapi.rules.yml").read_text())
+    exprs = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    for alert in ("FlaskapiWorkerRestarted", "FlaskapiHigh5xxRatio"):
+        assert prometheus.query_range(exprs[alert], start, end, 1), f"{alert} never fired"
+    # and the alerts that describe faults this run did not have stay quiet
+    for alert in ("FlaskapiNotReady", "FlaskapiTargetDown"):
+        assert not prometheus.query_range(exprs[alert], start, end, 1), f"{alert} fired"
+
+
+def test_report_renders_every_panel_from_the_dashboard_queries(run, tmp_path):
+    prometheus, start, end, _, _ = run
+    summary = report.render(prometheus, tmp_path, start=start, end=end, step=1, rate_interval=RATE)
+    titles = [panel.title for panel in report.panels(report.load())]
+    assert list(summary) == titles
+    assert all(count > 0 for counts in summary.values() for count in counts.values())
+    assert len(list(tmp_path.glob("panel-*.png"))) == len(titles)
+    assert "<img" in (tmp_path / "dashboard.html").read_text()
