@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test db-upgrade db-seed db-stop clean
+.PHONY: install run test demo db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METR
 
 test: install ## the whole suite against real Postgres and real gunicorn
 	$(BIN)/python -m pytest
+
+demo: install ## 200-user locust ramp with a crash, watched by Prometheus; report in reports/
+	$(BIN)/python -m bench.demo $(DEMO_ARGS)
 
 db-stop: install ## stop the embedded development Postgres
 	$(BIN)/python -m service.devdb stop

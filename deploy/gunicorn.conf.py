@@ -57,9 +57,11 @@ accesslog = None  # the app writes one access line per request (with route, user
 
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 _hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
-                     version=_settings.version)
+                     version=_settings.version,
+                     pool_capacity=_settings.pool_size + _settings.max_overflow)
 on_starting = _hooks.on_starting
 when_ready = _hooks.when_ready
+post_fork = _hooks.post_fork
 child_exit = _hooks.child_exit
 
 

@@ -153,5 +153,5 @@ def register_observability(app: APIFlask, settings: Settings) -> None:
     metrics.init_app(app, enabled=settings.metrics_enabled)
     if settings.metrics_enabled:
         with app.app_context():
-            metrics.instrument_engine(db.engine, capacity=settings.pool_size + settings.max_overflow)
+            metrics.instrument_engine(db.engine)
     sentry.init_app(app, settings)

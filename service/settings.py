@@ -149,6 +149,7 @@ class Settings:
             raise SettingsError(f"FLASK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {flask_env!r}")
         production = flask_env == "production"
         data_dir = Path(env.get("DATA_DIR") or PROJECT_ROOT / ".data")
+        threads = _int(env, "GUNICORN_THREADS", 1, minimum=1)
 
         database_uri = env.get("DB_URI") or env.get("DATABASE_URL") or None
         if database_uri:
@@ -174,8 +175,10 @@ class Settings:
             jwt_secret_key=secret,
             jwt_access_token_expires=_int(env, "JWT_ACCESS_TOKEN_EXPIRES", 3600, minimum=1),
             data_dir=data_dir,
-            pool_size=_int(env, "DB_POOL_SIZE", 5, minimum=1),
-            max_overflow=_int(env, "DB_MAX_OVERFLOW", 5, minimum=0),
+            # A request holds at most one connection at a time and never while hashing, so one
+            # connection per worker thread is enough; a pool that size cannot run dry.
+            pool_size=_int(env, "DB_POOL_SIZE", threads, minimum=1),
+            max_overflow=_int(env, "DB_MAX_OVERFLOW", 0, minimum=0),
             pool_timeout=_float(env, "DB_POOL_TIMEOUT", 3.0, minimum=0.1),
             pool_recycle=_int(env, "DB_POOL_RECYCLE", 1800, minimum=0),
             db_connect_timeout=_int(env, "DB_CONNECT_TIMEOUT", 3, minimum=1),
@@ -207,7 +210,7 @@ class Settings:
             sentry_dsn=env.get("SENTRY_DSN") or None,
             sentry_environment=env.get("SENTRY_ENVIRONMENT") or None,
             sentry_traces_sample_rate=_float(env, "SENTRY_TRACES_SAMPLE_RATE", 0.05, minimum=0.0),
-            gunicorn_threads=_int(env, "GUNICORN_THREADS", 1, minimum=1),
+            gunicorn_threads=threads,
         )
 
 

@@ -108,9 +108,10 @@ class MasterMetrics(Collector):
 class MasterHooks:
     """The gunicorn server hooks, bound to one master process (see deploy/gunicorn.conf.py)."""
 
-    def __init__(self, *, metrics_bind: str | None, version: str) -> None:
+    def __init__(self, *, metrics_bind: str | None, version: str, pool_capacity: int) -> None:
         self.metrics_bind = metrics_bind
         self.version = version
+        self.pool_capacity = pool_capacity
         self.exit_status = ExitStatusRecorder()
         self.master_metrics: MasterMetrics | None = None
         self._httpd = None
@@ -130,6 +131,13 @@ class MasterHooks:
         self._httpd, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
         log.info("metrics for all workers on http://%s/metrics", self.metrics_bind,
                  extra={"event": "metrics_listening"})
+
+    def post_fork(self, server, worker) -> None:
+        """Runs in the new worker."""
+        if self.metrics_bind:
+            from service.observability.metrics import worker_started
+
+            worker_started(self.pool_capacity)
 
     def child_exit(self, server, worker) -> None:
         if self.metrics_bind:

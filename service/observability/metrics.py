@@ -100,15 +100,17 @@ def init_app(app: Flask, *, enabled: bool) -> None:
             IN_PROGRESS.dec()
 
 
-def instrument_engine(engine: Engine, *, capacity: int) -> None:
-    """Pool gauges from SQLAlchemy's pool events. Values are written on the first connection of
-    each worker, never in the gunicorn master (whose files would count as a live process)."""
+def worker_started(capacity: int) -> None:
+    """In each worker right after the fork (gunicorn's post_fork): its pool's capacity counts
+    from the start. Never set in the master, whose files would count as one more live process."""
+    if recording():
+        POOL_CAPACITY.set(capacity)
+
+
+def instrument_engine(engine: Engine) -> None:
+    """Pool gauges and counters from SQLAlchemy's pool events."""
     if not recording():
         return
-
-    @event.listens_for(engine, "first_connect")
-    def _first(dbapi_connection, record) -> None:
-        POOL_CAPACITY.set(capacity)
 
     # Read the pool's own counts rather than inc/dec: a checkout that fails half-way (pre-ping
     # during a database restart) still checks in, and a counter would drift negative.
