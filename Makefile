@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test demo db-upgrade db-seed db-stop clean
+.PHONY: install run test demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: install ## the whole suite against real Postgres and real gunicorn
 
 demo: install ## 200-user locust ramp with a crash, watched by Prometheus; report in reports/
 	$(BIN)/python -m bench.demo $(DEMO_ARGS)
+
+bench: install ## the full benchmark (about 8 minutes): figures and ratios, bench/results/
+	$(BIN)/python -m bench.run
+
+bench-quick: install ## the same scenarios at smaller scale, under 3 minutes
+	$(BIN)/python -m bench.run --quick
 
 db-stop: install ## stop the embedded development Postgres
 	$(BIN)/python -m service.devdb stop

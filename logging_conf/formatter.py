@@ -28,7 +28,13 @@ _REDACTIONS = (
 _CACHE_ATTR = "_flaskapi_json_line"
 
 
+_TRIGGERS = ("eyj", "bearer", "pass", "secret", "token", "authoriz")
+
+
 def redact(text: str) -> str:
+    lowered = text.lower()
+    if not any(trigger in lowered for trigger in _TRIGGERS):
+        return text  # the common case (an access line): one cheap scan instead of three regexes
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import DateTime, Integer, List, Nested, String
-from flask import current_app, request, url_for
+from flask import Response, current_app, jsonify, url_for
 from flask_jwt_extended import get_jwt_identity, jwt_required
 from marshmallow import RAISE, validate
 from sqlalchemy.exc import IntegrityError
@@ -89,6 +89,16 @@ def _current_user_id() -> int:
         raise APIError(401, "The token is invalid", code="token_invalid") from None
 
 
+def _json(data: dict, status: int = 200, headers: dict | None = None) -> Response:
+    """The queries return JSON-ready dicts (checked against the @output schemas by the OpenAPI
+    fuzz test), so they skip a second marshmallow pass: a page of 20 books cost more to dump
+    than to fetch."""
+    response = jsonify(data)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
 def _not_found() -> APIError:
     return APIError(404, "No book with this id")
 
@@ -108,7 +118,7 @@ def list_books(query):
     if next_cursor is not None:
         link = url_for("books.list_books", cursor=next_cursor, limit=limit)
         headers["Link"] = f'<{link}>; rel="next"'
-    return {"items": items, "next_cursor": next_cursor}, 200, headers
+    return _json({"items": items, "next_cursor": next_cursor}, headers=headers)
 
 
 @bp.post("/", strict_slashes=False)
@@ -118,7 +128,7 @@ def list_books(query):
 @bp.doc(summary="Create a book", **AUTH_DOC)
 def create_book(body):
     try:
-        return queries.create(owner_id=_current_user_id(), **body)
+        return _json(queries.create(owner_id=_current_user_id(), **body), 201)
     except IntegrityError:  # the token's user was deleted since it was issued
         raise APIError(401, "The token's user no longer exists", code="token_invalid") from None
 
@@ -130,14 +140,14 @@ def get_book(book_id):
     book = queries.get(book_id=book_id)
     if book is None:
         raise _not_found()
-    return book
+    return _json(book)
 
 
 def _update(book_id: int, values: dict):
     book, exists = queries.update_owned(book_id=book_id, owner_id=_current_user_id(), values=values)
     if book is None:
         raise _forbidden() if exists else _not_found()
-    return book
+    return _json(book)
 
 
 @bp.put(f"/{BOOK_ID}")

@@ -1,0 +1,69 @@
+"""Load users for the benchmarks (bench/run.py names the class to run on the command line).
+
+`LessonFastUser` is the lesson's user (the root locustfile's QuickstartUser: same calls, weights
+and waits) on locust's FastHttpUser client, so one generator process is not the bottleneck at
+1,000 users. `ListUser` and `CreateUser` have no wait: saturation. Every response time is kept
+per endpoint (ids folded into `<id>`) and written to BENCH_RECORDS at the end, so percentiles
+are exact per endpoint and the ramp can be plotted over time.
+"""
+import json
+import os
+import re
+import time
+import uuid
+
+from faker import Faker
+from locust import FastHttpUser, constant, events, task
+
+from locustfile import QuickstartUser
+
+_records: list[tuple[float, str, float, bool]] = []
+_ID = re.compile(r"/\d+")
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, exception=None, **kwargs):
+    _records.append((time.time(), f"{request_type} {_ID.sub('/<id>', name)}", response_time, exception is None))
+
+
+@events.quitting.add_listener
+def _write(environment, **kwargs):
+    path = os.environ.get("BENCH_RECORDS")
+    if path:
+        with open(path, "w") as handle:
+            json.dump(_records, handle)
+
+
+class LessonFastUser(FastHttpUser):
+    wait_time = QuickstartUser.wait_time
+    tasks = QuickstartUser.tasks
+    on_start = QuickstartUser.on_start
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.books = []
+        self.faker = Faker()
+        self.token = None
+
+
+class ListUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def list_page(self):
+        self.client.get("/books/")
+
+
+class CreateUser(FastHttpUser):
+    wait_time = constant(0)
+
+    def on_start(self):
+        creds = {"email": f"bench-{uuid.uuid4().hex}@example.com", "password": "bench-password"}
+        self.client.post("/auth/register", json=creds)
+        response = self.client.post("/auth/login", json=creds)
+        token = response.json().get("token") if response.status_code == 200 else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @task
+    def create(self):
+        self.client.post("/books/", json={"title": "benchmark book"}, headers=self.headers)

@@ -1,0 +1,360 @@
+"""`make bench` / `make bench-quick`: the lesson's outage, measured on this machine, with ratios
+taken side by side in one run (the box is noisy; compare ratios, not absolute figures).
+
+Scenarios: 1 the lesson's users at scale, 2 saturation against `flask run` and a bare reference
+app, 3 observability on/off, 4 list latency as the table grows, 5 crash to serving again.
+Prints one table and writes results.json / results.csv / ramp.png to bench/results/<time>/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+import requests
+
+from bench.stack import ROOT, Gunicorn, _stop, free_port
+from tests.sentry_receiver import SentryReceiver
+
+LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
+PYTHON = sys.executable
+
+
+# --- the database -------------------------------------------------------------------------
+def fresh_database(name: str) -> str:
+    """Drop and recreate `name` on the embedded Postgres, migrate it, return its URI."""
+    from service import devdb
+    from service.settings import Settings
+
+    handle = devdb.server(devdb.pgdata_for(Settings.from_env({"FLASK_ENV": "development"}).data_dir))
+    handle.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE);')
+    uri = devdb.create_database(handle, name)
+    cli(uri, "db", "upgrade")
+    return uri
+
+
+def cli(uri: str, *args: str) -> None:
+    subprocess.run([PYTHON, "-m", "flask", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "DB_URI": uri, "FLASK_ENV": "development", "LOG_TO_FILE": "0",
+                        "LOG_LEVEL": "WARNING"})
+
+
+def seed(uri: str, books: int) -> None:
+    cli(uri, "db-custom", "seed", "--users", "20", "--books", str(books))
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("VACUUM ANALYZE books"))
+    engine.dispose()
+
+
+# --- servers ------------------------------------------------------------------------------
+def stack_env(uri: str, workdir: Path, **extra) -> dict[str, str]:
+    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+            "DATA_DIR": str(workdir / "data"), "LOG_DIR": str(workdir / "logs"), **extra}
+
+
+class Process:
+    """Any other server (flask run, the reference app) on a free port, stopped by PID."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log, "ab")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/books/", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{argv} did not start")
+
+    def stop(self) -> None:
+        _stop(self.process, 15)
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def flask_run(uri: str, workdir: Path) -> Process:
+    port = free_port()
+    return Process([PYTHON, "-m", "flask", "run", "--with-threads", "-p", str(port)],
+                   stack_env(uri, workdir, LOG_CONSOLE="0"), workdir / "flask-run.out", port)
+
+
+def reference(uri: str, workdir: Path) -> Process:
+    port = free_port()
+    return Process([str(Path(PYTHON).parent / "gunicorn"), "-w", "3", "-b", f"127.0.0.1:{port}",
+                    "--no-control-socket", "bench.reference_app:app"],
+                   {"DB_URI": uri}, workdir / "reference.out", port)
+
+
+# --- load ---------------------------------------------------------------------------------
+def locust(host: str, user: str, *, users: int, rate: float, seconds: float, workdir: Path, tag: str) -> dict:
+    """Run headless locust; return its aggregate figures, the generator's CPU and the records."""
+    records = workdir / f"{tag}-records.json"
+    argv = [PYTHON, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "-u", str(users),
+            "-r", str(rate), "-t", f"{int(seconds)}s", "--host", host, "--csv", str(workdir / tag),
+            "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5", "--loglevel", "WARNING"]
+    env = {**os.environ, "BENCH_RECORDS": str(records), "LOCUST_METRICS_BIND": "off"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    started = time.monotonic()
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watched = psutil.Process(process.pid)
+    cpu = 0.0
+    while process.poll() is None:
+        try:
+            times = watched.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            pass
+        if time.monotonic() - started > seconds + 90:
+            _stop(process, 10)
+            raise RuntimeError(f"locust {user} overran {seconds + 90:.0f}s")
+        time.sleep(0.25)
+    elapsed = time.monotonic() - started
+    data = [tuple(r) for r in json.loads(records.read_text())] if records.exists() else []
+    ok = [r for r in data if r[3]]
+    return {"requests": len(data), "failures": len(data) - len(ok),
+            "rps": round(len(data) / seconds, 1), "generator_cpu_pct": round(100 * cpu / elapsed, 1),
+            "records": data}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+
+def latency(url: str, n: int) -> dict:
+    """Sequential single requests on fresh connections, as a client sees one page."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    times = []
+    for _ in range(n):
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        started = time.perf_counter()
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        times.append((time.perf_counter() - started) * 1000)
+        connection.close()
+        assert response.status == 200, response.status
+    return {"p50_ms": pct(times, 0.5), "p95_ms": pct(times, 0.95)}
+
+
+# --- scenarios ----------------------------------------------------------------------------
+def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
+    users, rate, steady = (200, 20, 20) if quick else (1000, 10, 60)
+    with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "lesson.out") as stack:
+        result = locust(stack.url, "LessonFastUser", users=users, rate=rate,
+                        seconds=users / rate + steady, workdir=workdir, tag="lesson")
+    by_endpoint: dict[str, list[float]] = {}
+    for _, name, ms, ok in result["records"]:
+        by_endpoint.setdefault(name, []).append(ms)
+    endpoints = {name: {"requests": len(v), "p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95),
+                        "p99_ms": pct(v, 0.99)} for name, v in sorted(by_endpoint.items())}
+    plot_ramp(result["records"], workdir / "ramp.png", users=users, rate=rate)
+    return {"users": users, "spawn_rate": rate, "steady_s": steady, "requests": result["requests"],
+            "failures": result["failures"], "rps": result["rps"],
+            "generator_cpu_pct": result["generator_cpu_pct"], "endpoints": endpoints}
+
+
+def saturation(uri: str, workdir: Path, seconds: float) -> dict:
+    figures: dict[str, dict[str, float]] = {}
+    servers = {"stack": lambda: Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "sat.out").start(),
+               "flask_run": lambda: flask_run(uri, workdir),
+               "reference": lambda: reference(uri, workdir)}
+    for name, start in servers.items():
+        server = start()
+        try:
+            for user, key in (("ListUser", "list"), ("CreateUser", "create")):
+                run = locust(server.url, user, users=16, rate=16, seconds=seconds, workdir=workdir,
+                             tag=f"sat-{name}-{key}")
+                figures.setdefault(name, {})[f"{key}_rps"] = run["rps"]
+                figures[name][f"{key}_failures"] = run["failures"]
+                figures[name][f"{key}_generator_cpu_pct"] = run["generator_cpu_pct"]
+        finally:
+            server.stop()
+    return figures
+
+
+def observability_overhead(uri: str, workdir: Path, seconds: float) -> dict:
+    figures = {}
+    with SentryReceiver() as receiver:
+        variants = {
+            "on": {"SENTRY_DSN": receiver.dsn},
+            "off": {"METRICS_ENABLED": "0", "LOG_TO_FILE": "0", "LOG_CONSOLE": "0", "LOG_LEVEL": "WARNING"},
+        }
+        for name, extra in variants.items():
+            with Gunicorn(stack_env(uri, workdir, **extra), log_path=workdir / f"obs-{name}.out") as stack:
+                for user, key in (("ListUser", "list"), ("CreateUser", "create")):
+                    run = locust(stack.url, user, users=16, rate=16, seconds=seconds, workdir=workdir,
+                                 tag=f"obs-{name}-{key}")
+                    figures.setdefault(name, {})[f"{key}_rps"] = run["rps"]
+        figures["sentry_events_received"] = len(receiver.events)
+    return figures
+
+
+def growth(uri: str, workdir: Path, samples: int) -> dict:
+    figures = {}
+    seeded = 0
+    for size in (1_000, 100_000, 1_000_000):
+        seed(uri, size - seeded)
+        seeded = size
+        with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "growth.out") as stack:
+            first = requests.get(stack.url + "/books/?limit=20", timeout=10).json()
+            middle = first["items"][0]["id"] // 2
+            figures[str(size)] = {"first_page": latency(stack.url + "/books/", samples),
+                                  "middle_page": latency(stack.url + f"/books/?cursor={middle}", samples)}
+    return figures
+
+
+def crash_recovery(uri: str, workdir: Path, crashes: int) -> dict:
+    times = []
+    env = stack_env(uri, workdir, LOG_CONSOLE="0", CRASH_ROUTE_ENABLED="1")
+    with Gunicorn(env, workers=1, log_path=workdir / "crash.out") as stack:
+        for _ in range(crashes):
+            time.sleep(0.5)
+            started = time.perf_counter()
+            try:
+                requests.get(stack.url + "/auth/crash", timeout=10)
+            except requests.ConnectionError:
+                pass
+            while True:  # the master keeps the socket: this waits in the backlog for the new worker
+                try:
+                    if requests.get(stack.url + "/healthz", timeout=10).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    continue
+            times.append((time.perf_counter() - started) * 1000)
+    return {"crashes": crashes, "median_ms": round(statistics.median(times), 1), "max_ms": round(max(times), 1)}
+
+
+# --- output -------------------------------------------------------------------------------
+def plot_ramp(records: list, path: Path, *, users: int, rate: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    start = min(r[0] for r in records)
+    buckets: dict[int, list[float]] = {}
+    for ts, _, ms, _ in records:
+        buckets.setdefault(int(ts - start), []).append(ms)
+    seconds = sorted(buckets)
+    figure, axes = plt.subplots(figsize=(9, 3.5))
+    for q, label in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+        axes.plot(seconds, [pct(buckets[s], q) for s in seconds], label=label)
+    axes.set_xlabel("seconds since start")
+    axes.set_ylabel("response time (ms)")
+    axes.set_title(f"Lesson scenario: {users} users spawned at {rate:g}/s, then steady")
+    users_axis = axes.twinx()
+    users_axis.plot(seconds, [min(users, rate * s) for s in seconds], color="grey", linestyle=":", label="users")
+    users_axis.set_ylabel("users")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def table(results: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, target verdict) rows; ratios are computed here from one run's figures."""
+    rows = []
+    lesson = results["lesson"]
+    rows.append((f"1 lesson: {lesson['users']} users, {lesson['requests']} requests", f"{lesson['rps']} req/s",
+                 f"failures {lesson['failures']} (target 0): {'HOLDS' if lesson['failures'] == 0 else 'MISSED'}"))
+    rows.append(("1 load generator CPU", f"{lesson['generator_cpu_pct']} % of a core", ""))
+    for name, e in lesson["endpoints"].items():
+        limit = 300 if "/auth/" in name else 100
+        rows.append((f"1 {name}", f"p50 {e['p50_ms']} / p95 {e['p95_ms']} / p99 {e['p99_ms']} ms",
+                     f"p95 <= {limit} ms: {'HOLDS' if e['p95_ms'] <= limit else 'MISSED'}"))
+    sat = results["saturation"]
+    for key in ("list", "create"):
+        a, b, c = sat["stack"][f"{key}_rps"], sat["flask_run"][f"{key}_rps"], sat["reference"][f"{key}_rps"]
+        rows.append((f"2 {key}: stack / flask run / reference", f"{a} / {b} / {c} req/s", ""))
+        rows.append((f"2 {key}: stack / flask run", f"{a / b:.2f}x", f">= 2.5x: {'HOLDS' if a / b >= 2.5 else 'MISSED'}"))
+        rows.append((f"2 {key}: stack / reference", f"{a / c:.2f}x", f">= 0.6x: {'HOLDS' if a / c >= 0.6 else 'MISSED'}"))
+    obs = results["observability"]
+    for key in ("list", "create"):
+        on, off = obs["on"][f"{key}_rps"], obs["off"][f"{key}_rps"]
+        rows.append((f"3 {key}: observability on / off", f"{on} / {off} req/s = {on / off:.2f}",
+                     f">= 0.90: {'HOLDS' if on / off >= 0.90 else 'MISSED'}"))
+    grow = results["growth"]
+    for page in ("first_page", "middle_page"):
+        small, big = grow["1000"][page]["p50_ms"], grow["1000000"][page]["p50_ms"]
+        rows.append((f"4 {page} p50 at 1k / 100k / 1M books",
+                     f"{small} / {grow['100000'][page]['p50_ms']} / {big} ms = {big / small:.2f}",
+                     f"1M/1k <= 1.3: {'HOLDS' if big / small <= 1.3 else 'MISSED'}"))
+    crash = results["crash"]
+    rows.append((f"5 crash to serving again ({crash['crashes']} crashes)",
+                 f"median {crash['median_ms']} / max {crash['max_ms']} ms",
+                 f"<= 100 ms: {'HOLDS' if crash['max_ms'] <= 100 else 'MISSED'}"))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller scales, under 3 minutes")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    quick = args.quick
+    workdir = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds = 6 if quick else 15
+    began = time.monotonic()
+    results = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                           "memory_gib": round(psutil.virtual_memory().total / 2**30)},
+               "mode": "quick" if quick else "full"}
+
+    def step(name, fn, *fn_args):
+        print(f"[{time.monotonic() - began:5.0f}s] {name} ...", flush=True)
+        results[name] = fn(*fn_args)
+
+    uri = fresh_database("flaskapi_bench")
+    seed(uri, 10_000)
+    step("lesson", lesson_at_scale, uri, workdir, quick)
+    step("saturation", saturation, uri, workdir, seconds)
+    step("observability", observability_overhead, uri, workdir, seconds)
+    step("crash", crash_recovery, uri, workdir, 5)
+    growth_uri = fresh_database("flaskapi_bench_growth")
+    step("growth", growth, growth_uri, workdir, 100 if quick else 300)
+    results["seconds"] = round(time.monotonic() - began)
+
+    rows = table(results)
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    print(f"\nflaskapi-observability bench ({results['mode']}, {results['machine']['cores']} cores, "
+          f"{results['seconds']} s)")
+    for figure, value, verdict in rows:
+        print(f"  {figure:<{width}}  {value:<{value_width}}  {verdict}")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    with open(workdir / "results.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("figure", "value", "target")] + rows)
+    print(f"\nresults: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
