@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.stack import ROOT, Gunicorn, _stop, free_port
+from bench.stack import ROOT, Gunicorn, free_port, stop_process
 from tests.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
@@ -84,7 +84,7 @@ class Process:
         raise RuntimeError(f"{argv} did not start")
 
     def stop(self) -> None:
-        _stop(self.process, 15)
+        stop_process(self.process, 15)
         self._log.close()
 
     def __enter__(self):
@@ -127,7 +127,7 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
         except psutil.Error:
             pass
         if time.monotonic() - started > seconds + 90:
-            _stop(process, 10)
+            stop_process(process, 10)
             raise RuntimeError(f"locust {user} overran {seconds + 90:.0f}s")
         time.sleep(0.25)
     elapsed = time.monotonic() - started

@@ -66,7 +66,7 @@ class Gunicorn:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        code = _stop(self.process, timeout)
+        code = stop_process(self.process, timeout)
         if getattr(self, "_log", None):
             self._log.close()
         return code
@@ -78,7 +78,22 @@ class Gunicorn:
         self.stop()
 
 
-def _stop(process: subprocess.Popen | None, timeout: float) -> int | None:
+def run_command(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command from the repo root in its own process group, stdout and stderr together;
+    on timeout kill the whole group and raise with what it printed."""
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=10)
+        raise TimeoutError(f"{' '.join(map(str, args))} did not finish within {timeout}s:\n{output[-3000:]}") from None
+    return subprocess.CompletedProcess(args, process.returncode, output, None)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float) -> int | None:
+    """SIGTERM to the process group, SIGKILL if it is still there after `timeout`."""
     if process is None or process.poll() is not None:
         return process.returncode if process else None
     os.killpg(process.pid, signal.SIGTERM)
@@ -137,7 +152,7 @@ class Prometheus:
         raise RuntimeError(f"prometheus did not become ready within {timeout}s")
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        code = _stop(self.process, timeout)
+        code = stop_process(self.process, timeout)
         if getattr(self, "_log", None):
             self._log.close()
         return code

@@ -11,7 +11,6 @@ process runs in its own session and is stopped by PID with timeouts.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from service import devdb
 
-from stack import ROOT, free_port
+from stack import ROOT, free_port, run_command, stop_process
 
 pytestmark = pytest.mark.stack
 
@@ -43,21 +42,12 @@ def cli_env(postgres, tmp_path_factory) -> dict[str, str]:
 
 
 def flask(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    process = subprocess.Popen([sys.executable, "-m", "flask", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate(timeout=10)
-        pytest.fail(f"flask {' '.join(args)} did not finish within {timeout}s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return run_command([sys.executable, "-m", "flask", *args], env, timeout)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, \
-        f"{result.args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        f"{result.args}: exit {result.returncode}\n{result.stdout}"
     return result
 
 
@@ -85,12 +75,12 @@ def test_upgrade_seed_drop_upgrade(cli_env):
         assert db.tables() == set()
 
         first = ok(flask(cli_env, "db", "upgrade"))
-        assert "Running upgrade  -> 0001" in first.stdout + first.stderr
+        assert "Running upgrade  -> 0001" in first.stdout
         assert db.tables() == APP_TABLES
         assert db.scalar("SELECT version_num FROM alembic_version") == "0001"
 
         second = ok(flask(cli_env, "db", "upgrade"))
-        assert "Running upgrade" not in second.stdout + second.stderr  # nothing left to apply
+        assert "Running upgrade" not in second.stdout  # nothing left to apply
         assert db.tables() == APP_TABLES
         assert db.scalar("SELECT count(*) FROM alembic_version") == 1
 
@@ -105,22 +95,12 @@ def test_upgrade_seed_drop_upgrade(cli_env):
         assert db.tables() == set()
 
         again = ok(flask(cli_env, "db", "upgrade"))
-        assert "Running upgrade  -> 0001" in again.stdout + again.stderr
+        assert "Running upgrade  -> 0001" in again.stdout
         assert db.tables() == APP_TABLES
         assert db.scalar("SELECT count(*) FROM users") == 0
         assert db.scalar("SELECT count(*) FROM books") == 0
 
 
-def stop(process: subprocess.Popen, timeout: float = 10) -> int:
-    """SIGTERM to the process group, SIGKILL if it is still there after `timeout`."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-    return process.returncode
 
 
 def test_flask_run_serves_books(cli_env, tmp_path):
@@ -147,7 +127,7 @@ def test_flask_run_serves_books(cli_env, tmp_path):
             assert response.headers["Content-Type"].startswith("application/json")
             assert response.json() == {"items": [], "next_cursor": None}  # fresh tables
         finally:
-            returncode = stop(process)
+            returncode = stop_process(process, 10)
     assert returncode is not None  # it is gone
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/books/", timeout=2)

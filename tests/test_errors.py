@@ -243,7 +243,7 @@ def test_unexpected_exception_is_500_without_leaking(make_app):
         raise RuntimeError("secret internals: password=hunter2 at db-host-17")
 
     response = app.test_client().get("/__boom")
-    error = assert_error(response, 500, "internal_error")
+    assert_error(response, 500, "internal_error")
     raw = response.get_data(as_text=True)
     assert "hunter2" not in raw
     assert "secret internals" not in raw

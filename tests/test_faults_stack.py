@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from sqlalchemy.pool import NullPool
 
 from service import devdb
 from tests.conftest import stack_env
-from tests.stack import ROOT, Gunicorn
+from tests.stack import Gunicorn, run_command
 
 pytestmark = pytest.mark.stack
 
@@ -91,17 +90,7 @@ def assert_error_shape(response: requests.Response, status: int, code: str | Non
     return error
 
 
-def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command from the repo root in its own process group; kill the group on timeout."""
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=10)
-        pytest.fail(f"{' '.join(args)} did not finish within {timeout}s:\n{output[-3000:]}")
-    return subprocess.CompletedProcess(args, process.returncode, output, None)
+run = run_command
 
 
 def login(stack: Gunicorn, email: str, password: str = "outage-password") -> dict[str, str]:
@@ -178,7 +167,6 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
             # Client side, a worker has THREADS - 1 free threads while one is blocked, so the
             # refusals come in ceil((CONCURRENT - 1) / (THREADS - 1)) rounds of DB_POOL_TIMEOUT;
             # the requests gthread queued behind a full thread pool wait one round more.
-            rounds = math.ceil((CONCURRENT - 1) / (THREADS - 1))
             latencies = sorted(elapsed for _, elapsed in refused)
             for rank, elapsed in enumerate(latencies):
                 round_no = rank // (THREADS - 1) + 1

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from sqlalchemy import create_engine, text
 
 from service import devdb
 
-from stack import GUNICORN, ROOT, Gunicorn, free_port
+from stack import ROOT, Gunicorn, free_port, run_command
+from bench.stack import GUNICORN
 
 pytestmark = pytest.mark.stack
 
@@ -32,17 +31,7 @@ DEFAULTS = {"PASSWORD_HASH_TIME_COST": "", "PASSWORD_HASH_MEMORY_KIB": "",
 LOCUST_USERS = 30
 
 
-def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command from the repo root in its own process group; kill the group on timeout."""
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=10)
-        pytest.fail(f"{' '.join(args)} did not finish within {timeout}s:\n{output[-3000:]}")
-    return subprocess.CompletedProcess(args, process.returncode, output, None)
+run = run_command
 
 
 def server_errors(output: str) -> list[str]:

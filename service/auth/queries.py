@@ -1,7 +1,7 @@
 """Database work for auth, in short transactions that return their connection at once."""
 from __future__ import annotations
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from service.extensions import db
