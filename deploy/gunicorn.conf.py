@@ -13,6 +13,7 @@ Everything is read from the environment so one file serves them all:
 import os
 import sys
 import tempfile
+import types
 
 import logging_conf
 from service.settings import Settings, SettingsError
@@ -22,14 +23,23 @@ try:
 except SettingsError as exc:
     sys.exit(f"flaskapi-observability: configuration error: {exc}")
 
+# HUP (`systemctl reload flaskapi`) runs this file again inside the running master. What belongs
+# to the master's lifetime (the empty-directory check, the hooks with the metrics server and the
+# worker-exit bookkeeping, a private metrics dir) is set up once and kept in this holder. (USR2,
+# gunicorn's binary upgrade, starts a second master on the same directory: restart instead.)
+_master = sys.modules.setdefault("_flaskapi_gunicorn_master", types.ModuleType("_flaskapi_gunicorn_master"))
+_reloading = getattr(_master, "pid", None) == os.getpid()
+
 # Before anything imports prometheus_client, which reads this variable once at import.
-_private_metrics_dir = None
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _private_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flaskapi-metrics-")
-_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-if not os.path.isdir(_metrics_dir) or os.listdir(_metrics_dir):
-    sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
-             "directory: wipe it before starting (stale files from an earlier run would be merged in)")
+if not _reloading:
+    _master.private_metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _master.private_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="flaskapi-metrics-")
+    _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if not os.path.isdir(_metrics_dir) or os.listdir(_metrics_dir):
+        sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
+                 "directory: wipe it before starting (stale files from an earlier run would be merged in)")
 
 from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
 
@@ -56,9 +66,12 @@ logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
 accesslog = None  # the app writes one access line per request (with route, user, request id)
 
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
-_hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
-                     version=_settings.version,
-                     pool_capacity=_settings.pool_size + _settings.max_overflow)
+if not _reloading:
+    _master.hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
+                                version=_settings.version,
+                                pool_capacity=_settings.pool_size + _settings.max_overflow)
+    _master.pid = os.getpid()
+_hooks = _master.hooks
 on_starting = _hooks.on_starting
 when_ready = _hooks.when_ready
 post_fork = _hooks.post_fork
@@ -67,7 +80,7 @@ child_exit = _hooks.child_exit
 
 def on_exit(server):
     _hooks.on_exit(server)
-    if _private_metrics_dir:
+    if _master.private_metrics_dir:
         import shutil
 
-        shutil.rmtree(_private_metrics_dir, ignore_errors=True)
+        shutil.rmtree(_master.private_metrics_dir, ignore_errors=True)

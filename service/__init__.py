@@ -32,6 +32,13 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_errorhandlers(app)
     register_commands(app)
     register_observability(app, settings)
+    if settings.trusted_proxies:
+        # Behind nginx: the client's address and scheme come from the proxy's X-Forwarded-*
+        # headers, trusted for exactly this many hops (never from a client directly).
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
+                                x_proto=settings.trusted_proxies)
     return app
 
 

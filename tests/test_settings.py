@@ -15,7 +15,7 @@ PREFIX = "flaskapi-observability: configuration error: "
 VARIABLES = (
     "FLASK_ENV", "DB_URI", "DATABASE_URL", "JWT_SECRET_KEY", "JWT_ACCESS_TOKEN_EXPIRES", "DATA_DIR",
     "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE", "DB_CONNECT_TIMEOUT",
-    "DB_STATEMENT_TIMEOUT_MS", "MAX_CONTENT_LENGTH", "BOOKS_PAGE_SIZE", "BOOKS_PAGE_SIZE_MAX",
+    "DB_STATEMENT_TIMEOUT_MS", "MAX_CONTENT_LENGTH", "BOOKS_PAGE_SIZE", "TRUSTED_PROXIES",
     "PASSWORD_HASH_TIME_COST", "PASSWORD_HASH_MEMORY_KIB", "PASSWORD_HASH_PARALLELISM",
     "CRASH_ROUTE_ENABLED", "APP_VERSION", "LOG_LEVEL", "LOG_DIR", "LOG_FILE", "LOG_TO_FILE",
     "LOG_ROTATE_WHEN", "LOG_ROTATE_INTERVAL", "LOG_BACKUP_COUNT", "LOG_GZIP", "LOG_CONSOLE",
@@ -275,3 +275,19 @@ def test_crash_route_is_off_by_default_in_production(production, started):
     response = app.test_client().get("/auth/crash")
     assert response.status_code == 404
     assert response.get_json()["error"]["code"] == "not_found"
+
+
+def test_trusted_proxy_supplies_the_client_address(make_app):
+    """Behind nginx (TRUSTED_PROXIES=1) the access line's remote_addr is the client's, taken
+    from X-Forwarded-For; without it, a client cannot spoof its address with that header."""
+    headers = {"X-Forwarded-For": "203.0.113.7"}
+    behind = make_app(TRUSTED_PROXIES="1").test_client()
+    direct = make_app().test_client()
+    seen = {}
+    for name, client in (("behind", behind), ("direct", direct)):
+        @client.application.get("/__addr")
+        def addr():
+            from flask import request
+            return {"remote_addr": request.remote_addr}
+        seen[name] = client.get("/__addr", headers=headers).get_json()["remote_addr"]
+    assert seen == {"behind": "203.0.113.7", "direct": "127.0.0.1"}
