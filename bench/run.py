@@ -164,7 +164,7 @@ def latency(url: str, n: int) -> dict:
 
 # --- scenarios ----------------------------------------------------------------------------
 def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
-    users, rate, steady = (200, 20, 20) if quick else (1000, 10, 60)
+    users, rate, steady = (200, 10, 15) if quick else (1000, 10, 60)
     with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "lesson.out") as stack:
         result = locust(stack.url, "LessonFastUser", users=users, rate=rate,
                         seconds=users / rate + steady, workdir=workdir, tag="lesson")

@@ -58,10 +58,8 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
-    from sqlalchemy.pool import QueuePool
-
+    from service.database import engine_options
     from service.errors import ERROR_SCHEMA
-    from service.observability.metrics import InstrumentedQueuePool
 
     database_uri = settings.database_uri
     if database_uri is None:
@@ -74,21 +72,7 @@ def configure(app: APIFlask, settings: Settings) -> None:
         MAX_CONTENT_LENGTH=settings.max_content_length,
         BOOKS_PAGE_SIZE=min(settings.page_size_default, 100),
         SQLALCHEMY_DATABASE_URI=database_uri,
-        SQLALCHEMY_ENGINE_OPTIONS={
-            "pool_size": settings.pool_size,
-            "max_overflow": settings.max_overflow,
-            "pool_timeout": settings.pool_timeout,
-            "pool_recycle": settings.pool_recycle,
-            # A connection broken by a database restart is noticed at checkout and replaced,
-            # so the service recovers by itself when the database comes back.
-            "pool_pre_ping": True,
-            "poolclass": InstrumentedQueuePool if settings.metrics_enabled else QueuePool,
-            "connect_args": {
-                "connect_timeout": settings.db_connect_timeout,
-                "application_name": "flaskapi-observability",
-                "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
-            },
-        },
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings),
         JWT_SECRET_KEY=settings.jwt_secret_key,
         JWT_ACCESS_TOKEN_EXPIRES=timedelta(seconds=settings.jwt_access_token_expires),
         JWT_TOKEN_LOCATION=["headers"],
@@ -102,10 +86,13 @@ def configure(app: APIFlask, settings: Settings) -> None:
 
 def register_extensions(app: APIFlask, settings: Settings) -> None:
     from service.auth.passwords import Passwords
+    from service.database import ping_idle_connections
     from service.errors import register_jwt_errors
     from service.extensions import db, jwt, migrate
 
     db.init_app(app)
+    with app.app_context():
+        ping_idle_connections(db.engine, idle_seconds=settings.db_ping_idle_seconds)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     jwt.init_app(app)
     register_jwt_errors(jwt)

@@ -104,6 +104,7 @@ class Settings:
     pool_timeout: float
     pool_recycle: int
     db_connect_timeout: int
+    db_ping_idle_seconds: float
     db_statement_timeout_ms: int
     max_content_length: int
     page_size_default: int
@@ -182,6 +183,7 @@ class Settings:
             pool_timeout=_float(env, "DB_POOL_TIMEOUT", 3.0, minimum=0.1),
             pool_recycle=_int(env, "DB_POOL_RECYCLE", 1800, minimum=0),
             db_connect_timeout=_int(env, "DB_CONNECT_TIMEOUT", 3, minimum=1),
+            db_ping_idle_seconds=_float(env, "DB_PING_IDLE_SECONDS", 1.0, minimum=0.0),
             db_statement_timeout_ms=_int(env, "DB_STATEMENT_TIMEOUT_MS", 10000, minimum=0),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 64 * 1024, minimum=1024),
             page_size_default=_int(env, "BOOKS_PAGE_SIZE", 20, minimum=1),
