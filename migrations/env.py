@@ -31,7 +31,8 @@ def run_migrations_online():
 
     conf_args = dict(current_app.extensions["migrate"].configure_args)
     conf_args.setdefault("process_revision_directives", skip_empty)
-    with engine.connect() as connection:
+    # The app's engine autocommits; a migration runs in one real transaction (transactional DDL).
+    with engine.connect().execution_options(isolation_level="READ COMMITTED") as connection:
         context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
         with context.begin_transaction():
             context.run_migrations()

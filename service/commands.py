@@ -51,15 +51,18 @@ def seed(users: int, books: int, password: str, random_seed: int | None) -> None
     titles = [_copy_field(faker.catch_phrase()[:TITLE_MAX]) for _ in range(POOL)]
     authors = [_copy_field(faker.name()[:AUTHOR_MAX]) for _ in range(POOL)]
 
-    raw = db.engine.raw_connection()
-    try:
+    # One transaction for the whole seed (the engine is in autocommit for requests; this
+    # connection gets a real transaction, restored when it goes back to the pool).
+    with db.engine.connect().execution_options(isolation_level="READ COMMITTED") as conn:
+        conn.begin()  # so that conn.commit() / rollback() reach the driver's transaction
+        raw = conn.connection.driver_connection
         cursor = raw.cursor()
         emails = [f"seed-{run:08x}-{i}@example.com" for i in range(users)]
         try:
             _copy(cursor, "users", "email, password_hash", [f"{e}\t{password_hash}\n" for e in emails])
         except pg_errors.UniqueViolation:
             # The same --seed gives the same emails: a second run on one database collides.
-            raw.rollback()
+            conn.rollback()
             raise click.ClickException(
                 f"--seed {random_seed} was already used on this database (its users exist); "
                 "pick another --seed, or drop the data first") from None
@@ -75,9 +78,7 @@ def seed(users: int, books: int, password: str, random_seed: int | None) -> None
                 _copy(cursor, "books", "title, author, owner_id", lines)
                 remaining -= n
                 bar.update(n)
-        raw.commit()
-    finally:
-        raw.close()
+        conn.commit()
     click.echo(f"Seeded {users} users (password {password!r}) and {books} books.")
 
 
