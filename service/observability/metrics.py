@@ -114,16 +114,24 @@ def instrument_engine(engine: Engine) -> None:
 
     # Read the pool's own counts rather than inc/dec: a checkout that fails half-way (pre-ping
     # during a database restart) still checks in, and a counter would drift negative.
+    overflow = [0]
+
+    def _set_overflow() -> None:  # rarely changes: write the sample only when it does
+        now = max(0, engine.pool.overflow())
+        if now != overflow[0]:
+            overflow[0] = now
+            POOL_OVERFLOW.set(now)
+
     @event.listens_for(engine, "checkout")
     def _checkout(dbapi_connection, record, proxy) -> None:
         POOL_CHECKED_OUT.set(engine.pool.checkedout())
-        POOL_OVERFLOW.set(max(0, engine.pool.overflow()))
+        _set_overflow()
 
     @event.listens_for(engine, "checkin")
     def _checkin(dbapi_connection, record) -> None:
         # fired just before the connection goes back, so it still counts as checked out
         POOL_CHECKED_OUT.set(max(0, engine.pool.checkedout() - 1))
-        POOL_OVERFLOW.set(max(0, engine.pool.overflow()))
+        _set_overflow()
 
     @event.listens_for(engine, "invalidate")
     def _invalidated(dbapi_connection, record, exception) -> None:

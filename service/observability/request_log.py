@@ -49,11 +49,15 @@ def _end(response: Response) -> Response:
     duration_ms = round((time.perf_counter() - g.request_started) * 1000, 3)
     rule = request.url_rule
     status = response.status_code
+    method, path = request.method, request.path
     access_log.log(
         logging.ERROR if status >= 500 else logging.INFO,
-        "%s %s %d %.1fms", request.method, request.path, status, duration_ms,
+        "%s %s %d %.1fms", method, path, status, duration_ms,
         extra={
             "event": "access",
+            # the request context, given here so the formatter need not look it up again
+            "request_id": request_id, "method": method, "path": path,
+            "remote_addr": request.remote_addr,
             "route": rule.rule if rule is not None else None,
             "status": status,
             "duration_ms": duration_ms,
