@@ -2,9 +2,9 @@
 
 Everything is read from the environment so one file serves them all:
     BIND              127.0.0.1:5000 (put nginx in front, or set 0.0.0.0:5000 deliberately)
-    WEB_CONCURRENCY   worker processes; default cores + 1 (the lesson's rule; on 2 cores three
-                      sync workers measured faster than five)
-    GUNICORN_THREADS  1 = sync workers (default); more = gthread workers with that many threads
+    WEB_CONCURRENCY   worker processes; default cores + 1 (the lesson's rule; more processes than
+                      that measured slower on 2 cores)
+    GUNICORN_THREADS  threads per worker: 4 (gthread, the default, chosen by `make bench`); 1 = sync
     GUNICORN_TIMEOUT  seconds a worker may stay silent before the master kills it
     METRICS_BIND      127.0.0.1:9200: merged Prometheus metrics of all workers, served by the master
     PROMETHEUS_MULTIPROC_DIR  where workers write samples; the launcher (make run, systemd, the
@@ -47,8 +47,11 @@ wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
 threads = _settings.gunicorn_threads
-# Sync workers: one request at a time per process, so a worker needs one database connection
-# and a crash takes down exactly one in-flight request.
+# gthread by default, chosen by measurement (README, Performance): argon2 releases the GIL, so a
+# worker hashing a password still serves other requests from its other threads (books p95 in
+# the 1,000-user ramp fell from ~150 to ~60 ms), and keep-alive saves a TCP handshake per
+# request (+6-20 % throughput). The price: a worker that dies takes its in-flight requests (up
+# to `threads`) with it, where a sync worker loses one. GUNICORN_THREADS=1 gives sync workers.
 worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))

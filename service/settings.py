@@ -150,7 +150,7 @@ class Settings:
             raise SettingsError(f"FLASK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {flask_env!r}")
         production = flask_env == "production"
         data_dir = Path(env.get("DATA_DIR") or PROJECT_ROOT / ".data")
-        threads = _int(env, "GUNICORN_THREADS", 1, minimum=1)
+        threads = _int(env, "GUNICORN_THREADS", 4, minimum=1)
 
         database_uri = env.get("DB_URI") or env.get("DATABASE_URL") or None
         if database_uri:

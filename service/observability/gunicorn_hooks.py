@@ -25,6 +25,8 @@ from prometheus_client.registry import Collector
 log = logging.getLogger("service.workers")
 
 CLEAN_EXIT = "clean exit"
+# What the master itself sends to stop workers (shutdown, reload, scale down): not a crash.
+STOPPED = frozenset({CLEAN_EXIT, "SIGTERM", "SIGINT", "SIGQUIT"})
 
 
 class ExitStatusRecorder(logging.Filter):
@@ -145,8 +147,8 @@ class MasterHooks:
         cause = self.exit_status.cause_of(worker.pid)
         if self.master_metrics is not None:
             self.master_metrics.exits[cause] += 1
-        if cause == CLEAN_EXIT:
-            log.info("worker %d exited cleanly", worker.pid,
+        if cause in STOPPED:
+            log.info("worker %d stopped (%s)", worker.pid, cause,
                      extra={"event": "worker_exit", "worker_pid": worker.pid, "cause": cause})
             return
         if self.master_metrics is not None:
