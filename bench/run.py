@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.stack import ROOT, Gunicorn, free_port, stop_process
+from bench.stack import ROOT, Gunicorn, free_port, stop_process, wait_ready
 from tests.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
@@ -73,15 +73,11 @@ class Process:
         self._log = open(log, "ab")
         self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/books/", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{argv} did not start")
+        try:
+            wait_ready(self.process, self.url + "/books/", timeout=30, name=" ".join(argv[:4]))
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         stop_process(self.process, 15)

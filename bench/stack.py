@@ -49,18 +49,12 @@ class Gunicorn:
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}: {self.output()[-3000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not answer within {timeout}s: {self.output()[-3000:]}")
+        try:
+            wait_ready(self.process, self.url + "/healthz", timeout=timeout, name="gunicorn")
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}: {self.output()[-3000:]}") from None
+        return self
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -76,6 +70,21 @@ class Gunicorn:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_ready(process: subprocess.Popen, url: str, *, timeout: float, name: str) -> None:
+    """Until `url` answers 200; fail at once if the process exits, or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not answer {url} within {timeout}s")
 
 
 def run_command(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -138,18 +147,12 @@ class Prometheus:
              f"--storage.tsdb.path={self.workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}")
-            try:
-                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"prometheus did not become ready within {timeout}s")
+        try:
+            wait_ready(self.process, self.url + "/-/ready", timeout=timeout, name="prometheus")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
         code = stop_process(self.process, timeout)

@@ -157,30 +157,21 @@ def register_error_handlers(app: APIFlask) -> None:
     app.register_error_handler(Exception, _unexpected)
 
 
+# flask-jwt-extended's error callbacks, each answered in our shape: (callback, message, code).
+JWT_ERRORS = (
+    ("unauthorized_loader", "Missing or malformed Authorization header: send 'Bearer <token>'", "token_missing"),
+    ("invalid_token_loader", "The token is invalid", "token_invalid"),
+    ("expired_token_loader", "The token has expired; log in again", "token_expired"),
+    ("revoked_token_loader", "The token has been revoked", "token_revoked"),
+    ("needs_fresh_token_loader", "A fresh token is required", "token_not_fresh"),
+    ("user_lookup_error_loader", "The token's user no longer exists", "token_invalid"),
+)
+
+
 def register_jwt_errors(jwt) -> None:
     """flask-jwt-extended answers with its own body by default; route every case to ours."""
+    for callback, message, code in JWT_ERRORS:
+        def answer(*_args, _message=message, _code=code):
+            return error_response(401, _message, code=_code)
 
-    @jwt.unauthorized_loader
-    def _missing(reason: str):
-        return error_response(401, "Missing or malformed Authorization header: send 'Bearer <token>'",
-                              code="token_missing")
-
-    @jwt.invalid_token_loader
-    def _invalid(reason: str):
-        return error_response(401, "The token is invalid", code="token_invalid")
-
-    @jwt.expired_token_loader
-    def _expired(header, payload):
-        return error_response(401, "The token has expired; log in again", code="token_expired")
-
-    @jwt.revoked_token_loader
-    def _revoked(header, payload):
-        return error_response(401, "The token has been revoked", code="token_revoked")
-
-    @jwt.needs_fresh_token_loader
-    def _stale(header, payload):
-        return error_response(401, "A fresh token is required", code="token_not_fresh")
-
-    @jwt.user_lookup_error_loader
-    def _no_user(header, payload):
-        return error_response(401, "The token's user no longer exists", code="token_invalid")
+        getattr(jwt, callback)(answer)
