@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps run test demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METR
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/gunicorn -c deploy/gunicorn.conf.py
 
-test: install ## the whole suite against real Postgres and real gunicorn
+system-deps: ## Debian tools the tests run for real (prometheus, nginx, shellcheck, docker-compose)
+	bash .ci/system-deps.sh
+
+test: install system-deps ## the whole suite against real Postgres, gunicorn, Prometheus, nginx
 	$(BIN)/python -m pytest
 
 demo: install ## 200-user locust ramp with a crash, watched by Prometheus; report in reports/

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The system tools the test suite runs for real, from Debian's packages, installed when missing:
+# prometheus + promtool (alert rules, the end-to-end monitoring test), nginx (nginx -t and a live
+# proxy), shellcheck (install.sh), docker-compose (compose file validation). Used by `make test`.
+set -euo pipefail
+missing=()
+for tool in prometheus:prometheus promtool:prometheus nginx:nginx shellcheck:shellcheck \
+            docker-compose:docker-compose systemd-analyze:systemd; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 \
+    || missing+=("${tool##*:}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing test tools and no apt-get: install $packages yourself" >&2
+  exit 1
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "run as root or install: $packages" >&2; exit 1; }
+  SUDO="sudo"
+fi
+echo "installing Debian packages the tests use: $packages"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086  # the package list is meant to split
+$SUDO apt-get install -y -qq --no-install-recommends $packages >/dev/null
