@@ -176,6 +176,54 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     # Sentry: one event from each dying worker (with its request id) and one from the master.
     receiver = stack.receiver
     master_events = receiver.wait_for(lambda e: e.get("tags", {}).get("cause") == "exit code 1", count=crashes)
-    assert {int(e["tags"]["worker_pid"]) for e in master_events} >= {r["pid"] for r in requested}
+    reported = [int(e["tags"]["worker_pid"]) for e in master_events]
+    assert sorted(reported) == sorted(set(reported)), "a death was reported twice"
+    assert set(reported) >= {r["pid"] for r in requested}
     crash_events = receiver.wait_for(lambda e: (e.get("logger") == "service.crash"), count=crashes)
     assert {e["tags"]["request_id"] for e in crash_events} >= {r["request_id"] for r in requested}
+
+
+def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
+    """The OOM killer's way: SIGKILL leaves the worker no chance to report itself."""
+    import os
+    import signal
+
+    before = scrape(stack)
+    victim = sorted(worker_pids(before))[0]
+    os.kill(int(victim), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = scrape(stack)
+        if victim not in worker_pids(after) and value(after, "flaskapi_workers_alive") == WORKERS:
+            break
+        time.sleep(0.1)
+    assert value(after, "flaskapi_worker_restarts_total") - value(before, "flaskapi_worker_restarts_total") == 1
+    assert value(after, "flaskapi_worker_exits_total", cause="SIGKILL") == \
+        value(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1
+    [event] = stack.receiver.wait_for(lambda e: str(e.get("tags", {}).get("worker_pid")) == victim)
+    assert event["tags"]["cause"] == "SIGKILL"
+    assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_worker_stuck_past_the_timeout_is_aborted_and_reported(migrated_database, tmp_path):
+    """A sync worker silent for GUNICORN_TIMEOUT is aborted by the master: cause "timeout"."""
+    uri = migrated_database("test_worker_timeout")
+    env = stack_env(uri, tmp_path, GUNICORN_THREADS="1", GUNICORN_TIMEOUT="2",
+                    DB_STATEMENT_TIMEOUT_MS="20000", LOG_CONSOLE="0")
+    engine = create_engine(uri)
+    with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stuck:
+        with engine.connect() as conn:
+            conn.execute(text("LOCK TABLE books IN ACCESS EXCLUSIVE MODE"))  # the query will wait
+            with pytest.raises(requests.ConnectionError):
+                requests.get(stuck.url + "/books/", timeout=15)
+            conn.rollback()
+        deadline = time.monotonic() + 10
+        while value(scrape(stuck), "flaskapi_worker_exits_total", cause="timeout") < 1:
+            assert time.monotonic() < deadline, "no timeout exit counted"
+            time.sleep(0.2)
+        assert value(scrape(stuck), "flaskapi_worker_restarts_total") == 1
+        assert requests.get(stuck.url + "/books/", timeout=5).status_code == 200
+    engine.dispose()
+    died = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()
+            if '"worker_died"' in line]
+    assert [d["cause"] for d in died] == ["timeout"]

@@ -161,6 +161,11 @@ class MasterHooks:
             scope.fingerprint = ["gunicorn-worker-died", cause]
             log.error("worker %d died (%s); the master starts a replacement", worker.pid, cause,
                       extra={"event": "worker_died", "worker_pid": worker.pid, "cause": cause})
+        # Send it now: the replacement is forked next, and an event still queued in the master
+        # would be copied into the child and sent a second time from there.
+        from service.observability.sentry import flush
+
+        flush()
 
     def on_exit(self, server) -> None:
         if self._httpd is not None:
