@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
 
 from service import create_app
 from service.extensions import db
 from service.settings import MIN_SECRET_BYTES, Settings, SettingsError, normalise_database_uri
+from tests.conftest import empty_tables
 
 STRONG_KEY = "k" * MIN_SECRET_BYTES
 PREFIX = "flaskapi-observability: configuration error: "
@@ -44,10 +44,7 @@ def started():
     apps = []
     yield apps
     for app in apps:
-        with app.app_context():
-            with db.engine.begin() as conn:
-                conn.execute(text("TRUNCATE users, books RESTART IDENTITY CASCADE"))
-            db.engine.dispose()
+        empty_tables(app)
 
 
 def refused(config) -> str:
