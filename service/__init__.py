@@ -32,13 +32,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_errorhandlers(app)
     register_commands(app)
     register_observability(app, settings)
-    if settings.trusted_proxies:
-        # Behind nginx: the client's address and scheme come from the proxy's X-Forwarded-*
-        # headers, trusted for exactly this many hops (never from a client directly).
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
-                                x_proto=settings.trusted_proxies)
+    trust_proxies(app, settings)
     return app
 
 
@@ -149,3 +143,13 @@ def register_observability(app: APIFlask, settings: Settings) -> None:
         with app.app_context():
             metrics.instrument_engine(db.engine)
     sentry.init_app(app, settings)
+
+
+def trust_proxies(app: APIFlask, settings: Settings) -> None:
+    """Behind nginx (TRUSTED_PROXIES=1): the client's address and scheme come from the proxy's
+    X-Forwarded-* headers, trusted for exactly that many hops and never from a client directly."""
+    if settings.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
+                                x_proto=settings.trusted_proxies)
