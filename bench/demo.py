@@ -11,7 +11,6 @@ import argparse
 import csv
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.stack import ROOT, Gunicorn, Prometheus, free_port
+from bench.stack import ROOT, Gunicorn, Prometheus, free_port, stack_env
 
 
 def migrated_demo_database() -> str:
@@ -68,9 +67,7 @@ def main() -> int:
               "the report will have locust's view only.", file=sys.stderr)
 
     duration = int(args.ramp + args.hold)
-    env = {"FLASK_ENV": "production", "DB_URI": migrated_demo_database(),
-           "JWT_SECRET_KEY": secrets.token_urlsafe(48), "CRASH_ROUTE_ENABLED": "1",
-           "LOG_DIR": str(out / "logs"), "LOG_CONSOLE": "0", "DATA_DIR": str(out / "data")}
+    env = stack_env(migrated_demo_database(), out, CRASH_ROUTE_ENABLED="1", LOG_CONSOLE="0")
     locust_port = free_port()
     print(f"report folder: {out}")
     with Gunicorn(env, workers=args.workers, log_path=out / "gunicorn.out") as stack:

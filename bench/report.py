@@ -27,20 +27,26 @@ def load(path: Path = DASHBOARD) -> dict:
     return json.loads(path.read_text())
 
 
-def panels(dashboard: dict) -> list[Panel]:
-    """Every panel with queries, rows flattened, in dashboard order."""
+def flatten(items: list[dict]) -> list[dict]:
+    """Every panel as Grafana stores it, those nested in (collapsed) rows included, rows not."""
     found = []
+    for item in items:
+        if item.get("type") == "row":
+            found.extend(flatten(item.get("panels", [])))
+        else:
+            found.append(item)
+    return found
 
-    def walk(items):
-        for item in items:
-            walk(item.get("panels", []))
-            targets = [(t.get("refId", ""), t["expr"], t.get("legendFormat", ""))
-                       for t in item.get("targets", []) if t.get("expr")]
-            if targets:
-                unit = item.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
-                found.append(Panel(item.get("title", ""), unit, item.get("description", ""), targets))
 
-    walk(dashboard.get("panels", []))
+def panels(dashboard: dict) -> list[Panel]:
+    """Every panel with queries, in dashboard order."""
+    found = []
+    for item in flatten(dashboard.get("panels", [])):
+        targets = [(t.get("refId", ""), t["expr"], t.get("legendFormat", ""))
+                   for t in item.get("targets", []) if t.get("expr")]
+        if targets:
+            unit = item.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+            found.append(Panel(item.get("title", ""), unit, item.get("description", ""), targets))
     return found
 
 

@@ -12,7 +12,6 @@ import csv
 import http.client
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.stack import ROOT, Gunicorn, free_port, stop_process, wait_ready
+from bench.stack import ROOT, Gunicorn, free_port, stack_env, stop_process, wait_ready
 from tests.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
@@ -60,11 +59,6 @@ def seed(uri: str, books: int) -> None:
 
 
 # --- servers ------------------------------------------------------------------------------
-def stack_env(uri: str, workdir: Path, **extra) -> dict[str, str]:
-    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": secrets.token_urlsafe(48),
-            "DATA_DIR": str(workdir / "data"), "LOG_DIR": str(workdir / "logs"), **extra}
-
-
 class Process:
     """Any other server (flask run, the reference app) on a free port, stopped by PID."""
 

@@ -4,6 +4,7 @@ Every process is started in its own session and stopped by PID with a timeout.""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +18,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+
+def stack_env(uri: str, workdir: Path, **extra) -> dict[str, str]:
+    """Settings for a production-mode stack on `uri`: real hashing cost, a fresh random key,
+    data and logs under `workdir`."""
+    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+            "DATA_DIR": str(workdir / "data"), "LOG_DIR": str(workdir / "logs"), **extra}
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import logging
 import re
 import traceback
 
+from flask import g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 FIELDS = "%(levelname)s %(name)s %(message)s %(process)d"
@@ -78,10 +79,6 @@ class JsonFormatter(_JsonFormatter):
 def _add_request_context(log_data: dict) -> None:
     """Fields known while a Flask request is being served; cheap no-op outside one."""
     if "remote_addr" in log_data:  # the caller passed the context (the access line does)
-        return
-    try:
-        from flask import g, has_request_context, request
-    except ImportError:  # gunicorn master without Flask importable: nothing to add
         return
     if not has_request_context():
         return

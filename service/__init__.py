@@ -52,6 +52,7 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
+    from service.books.views import PAGE_MAX
     from service.database import engine_options
     from service.errors import ERROR_SCHEMA
 
@@ -64,7 +65,7 @@ def configure(app: APIFlask, settings: Settings) -> None:
         APP_SETTINGS=settings,
         TESTING=settings.env == "testing",
         MAX_CONTENT_LENGTH=settings.max_content_length,
-        BOOKS_PAGE_SIZE=min(settings.page_size_default, 100),
+        BOOKS_PAGE_SIZE=min(settings.page_size_default, PAGE_MAX),  # both bounds checked once here
         SQLALCHEMY_DATABASE_URI=database_uri,
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings),
         JWT_SECRET_KEY=settings.jwt_secret_key,

@@ -4,11 +4,9 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate
 
 
-def _storable(value: str) -> None:
-    # Postgres text cannot hold NUL, and lone surrogates (legal in JSON "\ud800") cannot be
-    # encoded as UTF-8: both would fail inside the database driver as a 500, so refuse them here.
-    if "\x00" in value:
-        raise ValidationError("Must not contain NUL characters.")
+def _encodable(value: str) -> None:
+    # Lone surrogates (legal in JSON: "\ud800") cannot be encoded as UTF-8 and would fail inside
+    # the database driver as a 500; refuse them here.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -16,12 +14,12 @@ def _storable(value: str) -> None:
 
 
 def text(*, min_length: int, max_length: int, **kwargs) -> fields.String:
-    """A string with length bounds that is always safe to store. (The Regexp documents the NUL
-    rule in the OpenAPI document as a `pattern`; `_storable` also refuses lone surrogates.)"""
+    """A string with length bounds that is always safe to store: Postgres text cannot hold NUL
+    (the Regexp, which also documents the rule as an OpenAPI `pattern`), nor lone surrogates."""
     return fields.String(
         validate=[validate.Length(min=min_length, max=max_length),
                   validate.Regexp("^[^\x00]*$", error="Must not contain NUL characters."),
-                  _storable],
+                  _encodable],
         **kwargs,
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from bench.stack import stack_env  # noqa: F401 (the stack tests import it from here)
 from service import create_app, devdb
 from service.extensions import db
 
@@ -49,11 +50,6 @@ def database_uri(migrated_database):
     """The migrated database of the in-process tests."""
     return migrated_database("test_api")
 
-
-def stack_env(uri: str, data_dir: Path, **extra) -> dict[str, str]:
-    """Environment for a real gunicorn stack: production mode, real hashing cost."""
-    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": TEST_SECRET,
-            "DATA_DIR": str(data_dir), "LOG_DIR": str(data_dir / "logs"), **extra}
 
 
 def base_config(uri: str, data_dir: Path, **extra) -> dict:

@@ -7,17 +7,17 @@ them). A missing binary fails the test rather than skipping it.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+
+from bench import report
+from bench.stack import Prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -61,34 +61,25 @@ def alert_rules() -> dict[str, dict]:
 
 
 def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
+    return report.load(DASHBOARD)
 
 
 def all_panels(panels: list[dict]) -> list[dict]:
-    """Every panel, including those nested in (collapsed) rows; rows themselves excluded."""
-    found = []
-    for panel in panels:
-        if panel.get("type") == "row":
-            found.extend(all_panels(panel.get("panels", [])))
-        else:
-            found.append(panel)
-    return found
+    return report.flatten(panels)
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(where, expr) for every panel target and every Prometheus annotation."""
     board = dashboard()
-    exprs = [(f"panel {p['title']!r} target {t.get('refId')}", t["expr"])
-             for p in all_panels(board["panels"]) for t in p.get("targets", []) if t.get("expr")]
-    exprs += [(f"annotation {a['name']!r}", a["expr"])
-              for a in board["annotations"]["list"] if a.get("expr")]
+    exprs = [(f"panel {panel.title!r} target {ref}", expr)
+             for panel in report.panels(board) for ref, expr, _ in panel.targets]
+    exprs += [(f"annotation {name!r}", expr) for name, expr in report.annotation_exprs(board)]
     return exprs
 
 
 def substitute(expr: str) -> str:
-    for macro, value in MACROS.items():
-        expr = expr.replace(macro, value)
-    return expr
+    return report.substitute(expr, rate_interval=MACROS["$__rate_interval"],
+                             interval=MACROS["$__interval"], range_=MACROS["$__range"])
 
 
 # --- Prometheus configuration and rules ----------------------------------------------------------
@@ -236,51 +227,16 @@ def test_exprs_use_only_the_macros_the_renderer_knows():
 
 # --- every expression parsed by a real Prometheus -------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
-    """A real Prometheus with no scrape targets; stopped by PID."""
-    executable = binary("prometheus")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    config = tmp / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 15s\nscrape_configs: []\n")
-    url = f"http://127.0.0.1:{free_port()}"
-    log_path = tmp / "prometheus.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [executable, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address={url.removeprefix('http://')}"],
-            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"prometheus exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready within 20 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    """A real Prometheus (the repo's config and rules, no targets); stopped by PID."""
+    binary("prometheus")  # fails with the install hint when missing
+    with Prometheus(tmp_path_factory.mktemp("prometheus"), targets={}) as server:
+        yield server
 
 
-def query(prometheus: str, expr: str) -> dict:
-    response = requests.get(prometheus + "/api/v1/query", params={"query": expr}, timeout=10)
+def query(prometheus: Prometheus, expr: str) -> dict:
+    response = requests.get(prometheus.url + "/api/v1/query", params={"query": expr}, timeout=10)
     return {"http": response.status_code, **response.json()}
 
 

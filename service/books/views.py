@@ -113,7 +113,7 @@ def _forbidden() -> APIError:
 @bp.doc(summary="List books, newest first, one keyset page at a time")
 def list_books(query):
     limit = query.get("limit") or current_app.config["BOOKS_PAGE_SIZE"]
-    items, next_cursor = queries.list_page(before_id=query.get("cursor"), limit=min(limit, PAGE_MAX))
+    items, next_cursor = queries.list_page(before_id=query.get("cursor"), limit=limit)
     headers = {}
     if next_cursor is not None:
         link = url_for("books.list_books", cursor=next_cursor, limit=limit)
