@@ -79,10 +79,16 @@ class SentryReceiver:
         with self._lock:
             return [e for e in self.events if e.get("type") != "transaction"]
 
-    def wait_for(self, predicate, *, count: int = 1, timeout: float = 15.0) -> list[dict]:
+    def transactions(self) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if e.get("type") == "transaction"]
+
+    def wait_for(self, predicate, *, count: int = 1, timeout: float = 15.0,
+                 transactions: bool = False) -> list[dict]:
+        """Error events (or transactions) matching `predicate`, once `count` have arrived."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            matched = [e for e in self.errors() if predicate(e)]
+            matched = [e for e in (self.transactions() if transactions else self.errors()) if predicate(e)]
             if len(matched) >= count:
                 return matched
             time.sleep(0.1)

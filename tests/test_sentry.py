@@ -1,12 +1,17 @@
 """Sentry events from the app, received on a local port in Sentry's envelope protocol."""
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import sentry_sdk
 
 from service.observability import sentry as sentry_module
 from service.observability.sentry import scrub
 from tests.sentry_receiver import SentryReceiver
+from tests.stack import run_command
 
 PASSWORD = "hunter2-very-secret"
 TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXBhcnQ"
@@ -36,10 +41,58 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
     [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("request_id") == "sentry-req-1")
     assert event["exception"]["values"][-1]["type"] == "RuntimeError"
     assert event["level"] == "error"
+    # The request as the Flask integration would describe it, in both modes
+    assert event["request"]["url"] == "http://localhost/explode"
+    assert event["request"]["method"] == "POST"
+    assert event["request"]["headers"]["X-Request-Id"] == "sentry-req-1"
+    assert event["request"]["headers"]["Authorization"] == "[Filtered]"
+    assert "data" not in event["request"]
+    assert event["transaction"] == "/explode"
+    assert receiver.transactions() == []  # tracing is off: no transaction per request
     raw = b"".join(receiver.raw).decode()
     assert "kaboom in a view" in raw  # the envelope was read: the absence below means something
     for secret in (PASSWORD, TOKEN):
         assert secret not in raw
+
+
+# sentry-sdk installs an integration once per process, and never after it was disabled there:
+# the tracing mode (Flask and SQLAlchemy integrations on) is checked in a process of its own.
+TRACING_APP = """
+import os, sentry_sdk
+from service import create_app
+from tests.conftest import base_config
+app = create_app(base_config(os.environ["TEST_DB_URI"], __import__("pathlib").Path(os.environ["TEST_TMP"]),
+                             SENTRY_DSN=os.environ["TEST_DSN"], SENTRY_TRACES_SAMPLE_RATE="1"))
+
+@app.post("/explode")
+def explode():
+    from sqlalchemy import text
+    from service.extensions import db
+    db.session.execute(text("SELECT 1"))  # a query span for the SQLAlchemy integration
+    raise RuntimeError("kaboom with tracing")
+
+response = app.test_client().post("/explode", json={"title": "t"},
+                                  headers={"X-Request-ID": "traced-req", "Authorization": "Bearer %s"})
+assert response.status_code == 500, response.status_code
+sentry_sdk.flush(5)
+"""
+
+
+def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
+        database_uri, tmp_path, receiver):
+    result = run_command([sys.executable, "-c", TRACING_APP % TOKEN],
+                         {**os.environ, "TEST_DB_URI": database_uri, "TEST_TMP": str(tmp_path),
+                          "TEST_DSN": receiver.dsn}, timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:]
+    [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("request_id") == "traced-req")
+    assert event["exception"]["values"][-1]["type"] == "RuntimeError"
+    assert event["request"]["method"] == "POST" and event["transaction"] == "/explode"
+    assert event["request"]["headers"]["Authorization"] == "[Filtered]"
+    [transaction] = receiver.wait_for(lambda e: e["transaction"] == "/explode", transactions=True)
+    assert transaction["tags"]["request_id"] == "traced-req"
+    assert [span["description"] for span in transaction["spans"] if span.get("op") == "db"] == ["SELECT 1"]
+    raw = b"".join(receiver.raw).decode()
+    assert "kaboom with tracing" in raw and TOKEN not in raw
 
 
 def test_auth_bodies_never_leave_and_sensitive_keys_are_filtered():
@@ -66,3 +119,19 @@ def test_degraded_reports_are_rate_limited_per_kind(monkeypatch):
     again = scrub({"message": "crash", "extra": {"event": "worker_died"}})
     assert first is not None and second is None
     assert other is not None and again is not None  # worker deaths are never dropped
+
+
+def test_without_tracing_a_request_that_raises_nothing_sends_nothing_and_leaves_no_scope_data(
+        make_app, receiver):
+    """The default mode adds no per-request state: an event captured outside a request, after
+    requests were served on this thread, carries no request and no request id."""
+    app = make_app(SENTRY_DSN=receiver.dsn, SENTRY_TRACES_SAMPLE_RATE="0")
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/books/", headers={"X-Request-ID": "quiet-req"}).status_code == 200
+    sentry_sdk.capture_message("outside any request")
+    sentry_sdk.flush(5)
+    [event] = receiver.wait_for(lambda e: e.get("message") == "outside any request")
+    assert "request" not in event and "request_id" not in event.get("tags", {})
+    assert "quiet-req" not in json.dumps(event) and "/books/" not in json.dumps(event)
+    assert [e for e in receiver.events if e.get("type") == "transaction"] == []
