@@ -4,13 +4,11 @@ gunicorn receives it as `logconfig_dict` (deploy/gunicorn.conf.py), so its maste
 log and every worker's application loggers write the same JSON lines through the same handlers:
 stderr (journald, containers) and one rotating file in LOG_DIR.
 
-Why concurrent-log-handler: with several worker processes the stdlib TimedRotatingFileHandler
-is unsafe (each process rotates on its own clock; one renames or deletes the file another is
-still writing). ConcurrentTimedRotatingFileHandler takes an flock around every write and every
-rotation and keeps the next rotation time in the lock file, so exactly one process rotates, the
-others notice the new inode and reopen, and a line is never split or written to a renamed file.
-Each line is written and flushed while the lock is held, so a worker that is killed loses no
-line it has already emitted.
+Why our own handler (logging_conf/handler.py) and not the stdlib's TimedRotatingFileHandler:
+with several worker processes that one is unsafe (each process rotates on its own; one renames
+or deletes the file another is still writing, and lines are lost, as our rotation test showed).
+Ours appends each line with one write(2) and no lock, and coordinates only the rotation itself,
+with an flock: exactly one process renames the file, the others notice and reopen.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATTER = "logging_conf.formatter.JsonFormatter"
-ROTATING_HANDLER = "concurrent_log_handler.ConcurrentTimedRotatingFileHandler"
+ROTATING_HANDLER = "logging_conf.handler.SharedTimedRotatingFileHandler"
 
 _applied: str | None = None
 
@@ -41,11 +39,8 @@ def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "
             "when": when,
             "interval": interval,
             "backupCount": backup_count,
-            "use_gzip": gzip,
+            "gzip": gzip,
             "utc": utc,
-            "encoding": "utf-8",
-            # The lock file sits beside the log and holds the shared next-rotation time.
-            "lock_file_directory": str(log_dir),
         }
     names = list(handlers)
     return {

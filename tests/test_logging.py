@@ -102,26 +102,68 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
         [("boom-1", 500, "/boom", "ERROR")]
 
 
-def test_rotated_files_are_gzipped_when_asked(tmp_path):
+def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
+    """Compressed one rotation late (delaycompress): a process that has not yet noticed the
+    rotation may still append to the newest backup, so only older ones are compressed."""
     import gzip
     import time
 
-    from concurrent_log_handler import ConcurrentTimedRotatingFileHandler
-
     import logging_conf
+    from logging_conf.handler import SharedTimedRotatingFileHandler
 
     options = dict(logging_conf.build(log_dir=tmp_path, when="S", interval=1, gzip=True)["handlers"]["file"])
     assert options.pop("class") == logging_conf.ROTATING_HANDLER
     options.pop("formatter")
-    handler = ConcurrentTimedRotatingFileHandler(**options)
+    handler = SharedTimedRotatingFileHandler(**options)
     handler.setFormatter(JsonFormatter())
     try:
-        handler.emit(_record("before rotation"))
-        time.sleep(1.2)
-        handler.emit(_record("after rotation"))
+        for message in ("first period", "second period", "third period"):
+            handler.emit(_record(message))
+            time.sleep(1.1)
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob("app.log.*.gz")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the compression runs on a background thread
     finally:
         handler.close()
-    rotated = list(tmp_path.glob("app.log.*.gz"))
-    assert len(rotated) == 1
-    assert json.loads(gzip.decompress(rotated[0].read_bytes()))["message"] == "before rotation"
-    assert json.loads((tmp_path / "app.log").read_text())["message"] == "after rotation"
+    [compressed] = tmp_path.glob("app.log.*.gz")
+    assert json.loads(gzip.decompress(compressed.read_bytes()))["message"] == "first period"
+    [plain] = [p for p in tmp_path.glob("app.log.*") if p.suffix not in (".gz", ".lock")]
+    assert json.loads(plain.read_text())["message"] == "second period"
+    assert json.loads((tmp_path / "app.log").read_text())["message"] == "third period"
+
+
+def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
+    import time
+
+    from logging_conf.handler import SharedTimedRotatingFileHandler
+
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, backupCount=2)
+    handler.setFormatter(JsonFormatter())
+    try:
+        for n in range(5):
+            handler.emit(_record(f"line {n}"))
+            handler.rolloverAt = 1_000_000 + n  # due at the next line; each period a second later
+    finally:
+        handler.close()
+    backups = sorted(p for p in tmp_path.glob("app.log.*") if p.suffix != ".lock")
+    assert len(backups) == 2
+    kept = [json.loads(p.read_text())["message"] for p in backups] + \
+        [json.loads(line)["message"] for line in (tmp_path / "app.log").read_text().splitlines()]
+    assert kept == ["line 2", "line 3", "line 4"]
+
+
+def test_a_backup_name_that_is_taken_gets_a_counter_instead_of_being_overwritten(tmp_path):
+    from logging_conf.handler import SharedTimedRotatingFileHandler
+
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1)
+    handler.setFormatter(JsonFormatter())
+    try:
+        for n in range(3):
+            handler.emit(_record(f"line {n}"))
+            handler.rolloverAt = 1_000_000  # the same period every time
+    finally:
+        handler.close()
+    backups = sorted(p.name for p in tmp_path.glob("app.log.*") if p.suffix != ".lock")
+    stamp = backups[0].removeprefix("app.log.")
+    assert backups == [f"app.log.{stamp}", f"app.log.{stamp}.1"]
+    assert json.loads((tmp_path / backups[0]).read_text())["message"] == "line 0"
