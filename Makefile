@@ -26,7 +26,7 @@ run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METR
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/gunicorn -c deploy/gunicorn.conf.py
 
-system-deps: ## Debian tools the tests run for real (prometheus, nginx, shellcheck, docker-compose)
+system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk)
 	bash .ci/system-deps.sh
 
 test: install system-deps ## the whole suite against real Postgres, gunicorn, Prometheus, nginx
@@ -35,10 +35,10 @@ test: install system-deps ## the whole suite against real Postgres, gunicorn, Pr
 demo: install ## 200-user locust ramp with a crash, watched by Prometheus; report in reports/
 	$(BIN)/python -m bench.demo $(DEMO_ARGS)
 
-bench: install ## the full benchmark (about 8 minutes): figures and ratios, bench/results/
+bench: install system-deps ## the full benchmark (about 8 minutes): figures and ratios, bench/results/
 	$(BIN)/python -m bench.run
 
-bench-quick: install ## the same scenarios at smaller scale, under 3 minutes
+bench-quick: install system-deps ## the same scenarios at smaller scale, under 3 minutes
 	$(BIN)/python -m bench.run --quick
 
 db-stop: install ## stop the embedded development Postgres

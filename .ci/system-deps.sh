@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The system tools the test suite runs for real, from Debian's packages, installed when missing:
 # prometheus + promtool (alert rules, the end-to-end monitoring test), nginx (nginx -t and a live
-# proxy), shellcheck (install.sh), docker-compose (compose file validation). Used by `make test`.
+# proxy), shellcheck (install.sh), docker-compose (compose file validation), wrk (the benchmarks'
+# saturation load, and its harness test). Used by `make test` and `make bench`.
 set -euo pipefail
 missing=()
 for tool in prometheus:prometheus promtool:prometheus nginx:nginx shellcheck:shellcheck \
-            docker-compose:docker-compose systemd-analyze:systemd; do
+            docker-compose:docker-compose systemd-analyze:systemd wrk:wrk; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 \
     || missing+=("${tool##*:}")
 done

@@ -2,7 +2,7 @@
 
 `LessonFastUser` is the lesson's user (the root locustfile's QuickstartUser: same calls, weights
 and waits) on locust's FastHttpUser client, so one generator process is not the bottleneck at
-1,000 users. `ListUser` and `CreateUser` have no wait: saturation. Every response time is kept
+1,000 users (saturation uses wrk, see bench/run.py). Every response time is kept
 per endpoint (ids folded into `<id>`) and written to BENCH_RECORDS at the end, so percentiles
 are exact per endpoint and the ramp can be plotted over time.
 """
@@ -10,10 +10,9 @@ import json
 import os
 import re
 import time
-import uuid
 
 from faker import Faker
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, events
 
 from locustfile import QuickstartUser
 
@@ -44,26 +43,3 @@ class LessonFastUser(FastHttpUser):
         self.books = []
         self.faker = Faker()
         self.token = None
-
-
-class ListUser(FastHttpUser):
-    wait_time = constant(0)
-
-    @task
-    def list_page(self):
-        self.client.get("/books/")
-
-
-class CreateUser(FastHttpUser):
-    wait_time = constant(0)
-
-    def on_start(self):
-        creds = {"email": f"bench-{uuid.uuid4().hex}@example.com", "password": "bench-password"}
-        self.client.post("/auth/register", json=creds)
-        response = self.client.post("/auth/login", json=creds)
-        token = response.json().get("token") if response.status_code == 200 else None
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    @task
-    def create(self):
-        self.client.post("/books/", json={"title": "benchmark book"}, headers=self.headers)

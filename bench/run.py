@@ -12,10 +12,12 @@ import csv
 import http.client
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +28,8 @@ from bench.stack import ROOT, Gunicorn, free_port, stack_env, stop_process, wait
 from tests.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
+SHIPPED = None  # the worker count deploy/gunicorn.conf.py chooses (WEB_CONCURRENCY or cores + 1)
+SCENARIOS = ["lesson", "saturation", "observability", "crash", "growth"]
 PYTHON = sys.executable
 
 
@@ -128,6 +132,75 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
             "records": data}
 
 
+WRK = "wrk"
+WRK_CREATE = ROOT / "bench" / "wrk_create.lua"
+CONNECTIONS = 16
+
+
+def wrk(url: str, *, seconds: float, workdir: Path, tag: str, token: str | None = None,
+        connections: int = CONNECTIONS) -> dict:
+    """Saturate `url` with wrk (GET /books/, or POST /books/ as `token`'s owner when given);
+    return its figures, its CPU seconds and its share of a core. wrk is a C client with one thread: at 2,500 req/s it needs about a tenth of the
+    CPU locust's FastHttpUser does, and on a 2-core box every cycle the generator takes is a
+    cycle the server under test loses (most of all a multi-process one)."""
+    argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if token is not None:
+        argv += ["-s", str(WRK_CREATE)]
+    process = subprocess.Popen(argv + [url.rstrip("/") + "/books/"], cwd=ROOT, text=True,
+                               env={**os.environ, "WRK_TOKEN": token or ""},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watched = psutil.Process(process.pid)
+    started = time.monotonic()
+    cpu = 0.0
+    while process.poll() is None:
+        try:
+            times = watched.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            pass
+        if time.monotonic() - started > seconds + 30:
+            stop_process(process, 5)
+            raise RuntimeError(f"wrk {tag} overran {seconds + 30:.0f}s")
+        time.sleep(0.25)
+    elapsed = time.monotonic() - started
+    with process.stdout:
+        output = process.stdout.read()
+    (workdir / f"{tag}-wrk.txt").write_text(output)
+    return parse_wrk(output) | {"cpu_s": cpu, "generator_cpu_pct": round(100 * cpu / elapsed, 1)}
+
+
+def parse_wrk(output: str) -> dict:
+    """requests, failures (non-2xx/3xx answers and socket errors), rps and p50/p99 from wrk's text."""
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", output)
+    if done is None:
+        raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
+    requests_done = int(done.group(1))
+    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    failures = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if sockets:
+        failures += sum(int(n) for n in sockets.groups())
+    latency = {q: _wrk_ms(m.group(1), m.group(2))
+               for q, m in ((q, re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)", output, re.M)) for q in ("50", "99"))
+               if m}
+    return {"requests": requests_done, "failures": failures, "seconds": seconds,
+            "rps": round(requests_done / seconds, 1),
+            **{f"p{q}_ms": ms for q, ms in latency.items()}}
+
+
+def _wrk_ms(value: str, unit: str) -> float:
+    return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 2)
+
+
+def login(url: str) -> str:
+    """Register a fresh user and return its token (the reference app answers with a dummy)."""
+    creds = {"email": f"bench-{uuid.uuid4().hex}@example.com", "password": "bench-password"}
+    requests.post(url + "/auth/register", json=creds, timeout=30)
+    response = requests.post(url + "/auth/login", json=creds, timeout=30)
+    response.raise_for_status()
+    return response.json()["token"]
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -155,7 +228,7 @@ def latency(url: str, n: int) -> dict:
 # --- scenarios ----------------------------------------------------------------------------
 def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
     users, rate, steady = (200, 10, 15) if quick else (1000, 10, 60)
-    with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "lesson.out") as stack:
+    with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "lesson.out") as stack:
         result = locust(stack.url, "LessonFastUser", users=users, rate=rate,
                         seconds=users / rate + steady, workdir=workdir, tag="lesson")
     by_endpoint: dict[str, list[float]] = {}
@@ -169,38 +242,47 @@ def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
             "generator_cpu_pct": result["generator_cpu_pct"], "endpoints": endpoints}
 
 
-def saturation(uri: str, workdir: Path, seconds: float) -> dict:
-    figures: dict[str, dict[str, float]] = {}
-    servers = {"stack": lambda: Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "sat.out").start(),
-               "flask_run": lambda: flask_run(uri, workdir),
-               "reference": lambda: reference(uri, workdir)}
-    for name, start in servers.items():
-        server = start()
-        try:
-            for user, key in (("ListUser", "list"), ("CreateUser", "create")):
-                run = locust(server.url, user, users=16, rate=16, seconds=seconds, workdir=workdir,
-                             tag=f"sat-{name}-{key}")
-                figures.setdefault(name, {})[f"{key}_rps"] = run["rps"]
-                figures[name][f"{key}_failures"] = run["failures"]
-                figures[name][f"{key}_generator_cpu_pct"] = run["generator_cpu_pct"]
-        finally:
-            server.stop()
+def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag: str) -> dict:
+    """List and create throughput of every server, in interleaved rounds: all servers run at
+    once (idle ones cost nothing) and each round loads them in turn, the order rotating, so the
+    box's drift over a run lands on every server alike. `seconds` per server and kind."""
+    rounds = max(2, round(seconds / 3))
+    figures: dict[str, dict] = {name: {} for name in servers}
+    tokens = {name: login(server.url) for name, server in servers.items()}
+    for key in ("list", "create"):
+        totals = {name: {"requests": 0, "failures": 0, "seconds": 0.0, "cpu_s": 0.0} for name in servers}
+        order = list(servers)
+        for round_no in range(rounds):
+            for name in order:
+                run = wrk(servers[name].url, seconds=seconds / rounds, workdir=workdir,
+                          tag=f"{tag}-{name}-{key}-{round_no}", token=tokens[name] if key == "create" else None)
+                for field in totals[name]:
+                    totals[name][field] += run[field]
+            order = order[1:] + order[:1]
+        for name, total in totals.items():
+            figures[name].update({
+                f"{key}_rps": round(total["requests"] / total["seconds"], 1),
+                f"{key}_requests": total["requests"], f"{key}_failures": total["failures"],
+                f"{key}_generator_cpu_pct": round(100 * total["cpu_s"] / total["seconds"], 1)})
     return figures
 
 
+def saturation(uri: str, workdir: Path, seconds: float) -> dict:
+    """Our stack (shipped config), the same app under `flask run`, and the bare reference."""
+    with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "sat.out") as stack, \
+            flask_run(uri, workdir) as flask_dev, reference(uri, workdir) as floor:
+        return side_by_side({"stack": stack, "flask_run": flask_dev, "reference": floor}, workdir, seconds, "sat")
+
+
 def observability_overhead(uri: str, workdir: Path, seconds: float) -> dict:
-    figures = {}
+    """The shipped stack with JSON logs, metrics and Sentry (to a local receiver, tracing at the
+    shipped default) against the same stack with all three off."""
     with SentryReceiver() as receiver:
-        variants = {
-            "on": {"SENTRY_DSN": receiver.dsn},
-            "off": {"METRICS_ENABLED": "0", "LOG_TO_FILE": "0", "LOG_CONSOLE": "0", "LOG_LEVEL": "WARNING"},
-        }
-        for name, extra in variants.items():
-            with Gunicorn(stack_env(uri, workdir, **extra), log_path=workdir / f"obs-{name}.out") as stack:
-                for user, key in (("ListUser", "list"), ("CreateUser", "create")):
-                    run = locust(stack.url, user, users=16, rate=16, seconds=seconds, workdir=workdir,
-                                 tag=f"obs-{name}-{key}")
-                    figures.setdefault(name, {})[f"{key}_rps"] = run["rps"]
+        on = {"SENTRY_DSN": receiver.dsn}
+        off = {"METRICS_ENABLED": "0", "LOG_TO_FILE": "0", "LOG_CONSOLE": "0", "LOG_LEVEL": "WARNING"}
+        with Gunicorn(stack_env(uri, workdir, **on), workers=SHIPPED, log_path=workdir / "obs-on.out") as stack_on, \
+                Gunicorn(stack_env(uri, workdir, **off), workers=SHIPPED, log_path=workdir / "obs-off.out") as stack_off:
+            figures = side_by_side({"on": stack_on, "off": stack_off}, workdir, seconds, "obs")
         figures["sentry_events_received"] = len(receiver.events)
     return figures
 
@@ -211,7 +293,7 @@ def growth(uri: str, workdir: Path, samples: int) -> dict:
     for size in (1_000, 100_000, 1_000_000):
         seed(uri, size - seeded)
         seeded = size
-        with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), log_path=workdir / "growth.out") as stack:
+        with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "growth.out") as stack:
             first = requests.get(stack.url + "/books/?limit=20", timeout=10).json()
             middle = first["items"][0]["id"] // 2
             figures[str(size)] = {"first_page": latency(stack.url + "/books/", samples),
@@ -272,7 +354,21 @@ def plot_ramp(records: list, path: Path, *, users: int, rate: float) -> None:
 def table(results: dict) -> list[tuple[str, str, str]]:
     """(figure, value, target verdict) rows; ratios are computed here from one run's figures."""
     rows = []
-    lesson = results["lesson"]
+    if "lesson" in results:
+        rows += _lesson_rows(results["lesson"])
+    if "saturation" in results:
+        rows += _saturation_rows(results["saturation"])
+    if "observability" in results:
+        rows += _observability_rows(results["observability"])
+    if "growth" in results:
+        rows += _growth_rows(results["growth"])
+    if "crash" in results:
+        rows += _crash_rows(results["crash"])
+    return rows
+
+
+def _lesson_rows(lesson: dict) -> list[tuple[str, str, str]]:
+    rows = []
     rows.append((f"1 lesson: {lesson['users']} users, {lesson['requests']} requests", f"{lesson['rps']} req/s",
                  f"failures {lesson['failures']} (target 0): {'HOLDS' if lesson['failures'] == 0 else 'MISSED'}"))
     rows.append(("1 load generator CPU", f"{lesson['generator_cpu_pct']} % of a core", ""))
@@ -280,24 +376,49 @@ def table(results: dict) -> list[tuple[str, str, str]]:
         limit = 300 if "/auth/" in name else 100
         rows.append((f"1 {name}", f"p50 {e['p50_ms']} / p95 {e['p95_ms']} / p99 {e['p99_ms']} ms",
                      f"p95 <= {limit} ms: {'HOLDS' if e['p95_ms'] <= limit else 'MISSED'}"))
-    sat = results["saturation"]
+    return rows
+
+
+def _saturation_rows(sat: dict) -> list[tuple[str, str, str]]:
+    rows = []
     for key in ("list", "create"):
         a, b, c = sat["stack"][f"{key}_rps"], sat["flask_run"][f"{key}_rps"], sat["reference"][f"{key}_rps"]
-        rows.append((f"2 {key}: stack / flask run / reference", f"{a} / {b} / {c} req/s", ""))
+        rows.append((f"2 {key}: stack / flask run / reference", f"{a} / {b} / {c} req/s",
+                     _failures(sat[n].get(f"{key}_failures") for n in ("stack", "flask_run", "reference"))))
+        rows.append((f"2 {key}: wrk CPU (stack / flask run / reference)",
+                     " / ".join(f"{sat[n].get(f'{key}_generator_cpu_pct', '?')}" for n in ("stack", "flask_run", "reference"))
+                     + " % of a core", ""))
         rows.append((f"2 {key}: stack / flask run", f"{a / b:.2f}x", f">= 2.5x: {'HOLDS' if a / b >= 2.5 else 'MISSED'}"))
         rows.append((f"2 {key}: stack / reference", f"{a / c:.2f}x", f">= 0.6x: {'HOLDS' if a / c >= 0.6 else 'MISSED'}"))
-    obs = results["observability"]
+    return rows
+
+
+def _failures(counts) -> str:
+    total = sum(n or 0 for n in counts)
+    return "no failed request" if total == 0 else f"{total} FAILED requests"
+
+
+def _observability_rows(obs: dict) -> list[tuple[str, str, str]]:
+    rows = []
     for key in ("list", "create"):
         on, off = obs["on"][f"{key}_rps"], obs["off"][f"{key}_rps"]
         rows.append((f"3 {key}: observability on / off", f"{on} / {off} req/s = {on / off:.2f}",
                      f">= 0.90: {'HOLDS' if on / off >= 0.90 else 'MISSED'}"))
-    grow = results["growth"]
+    return rows
+
+
+def _growth_rows(grow: dict) -> list[tuple[str, str, str]]:
+    rows = []
     for page in ("first_page", "middle_page"):
         small, big = grow["1000"][page]["p50_ms"], grow["1000000"][page]["p50_ms"]
         rows.append((f"4 {page} p50 at 1k / 100k / 1M books",
                      f"{small} / {grow['100000'][page]['p50_ms']} / {big} ms = {big / small:.2f}",
                      f"1M/1k <= 1.3: {'HOLDS' if big / small <= 1.3 else 'MISSED'}"))
-    crash = results["crash"]
+    return rows
+
+
+def _crash_rows(crash: dict) -> list[tuple[str, str, str]]:
+    rows = []
     rows.append((f"5 crash to serving again ({crash['crashes']} crashes)",
                  f"median {crash['median_ms']} / max {crash['max_ms']} ms",
                  f"<= 100 ms: {'HOLDS' if crash['max_ms'] <= 100 else 'MISSED'}"))
@@ -308,6 +429,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller scales, under 3 minutes")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS,
+                        help="run these scenarios only (default: all)")
     args = parser.parse_args()
     quick = args.quick
     workdir = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
@@ -322,14 +445,20 @@ def main() -> int:
         print(f"[{time.monotonic() - began:5.0f}s] {name} ...", flush=True)
         results[name] = fn(*fn_args)
 
-    uri = fresh_database("flaskapi_bench")
-    seed(uri, 10_000)
-    step("lesson", lesson_at_scale, uri, workdir, quick)
-    step("saturation", saturation, uri, workdir, seconds)
-    step("observability", observability_overhead, uri, workdir, seconds)
-    step("crash", crash_recovery, uri, workdir, 5)
-    growth_uri = fresh_database("flaskapi_bench_growth")
-    step("growth", growth, growth_uri, workdir, 100 if quick else 300)
+    if set(args.only) - {"growth"}:
+        uri = fresh_database("flaskapi_bench")
+        seed(uri, 10_000)
+    if "lesson" in args.only:
+        step("lesson", lesson_at_scale, uri, workdir, quick)
+    if "saturation" in args.only:
+        step("saturation", saturation, uri, workdir, seconds)
+    if "observability" in args.only:
+        step("observability", observability_overhead, uri, workdir, seconds)
+    if "crash" in args.only:
+        step("crash", crash_recovery, uri, workdir, 5)
+    if "growth" in args.only:
+        growth_uri = fresh_database("flaskapi_bench_growth")
+        step("growth", growth, growth_uri, workdir, 100 if quick else 300)
     results["seconds"] = round(time.monotonic() - began)
 
     rows = table(results)

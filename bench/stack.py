@@ -36,7 +36,8 @@ def free_port() -> int:
 class Gunicorn:
     """gunicorn as a child process group on a free loopback port; always stopped by PID."""
 
-    def __init__(self, env: dict[str, str], *, workers: int = 3, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], *, workers: int | None = 3, log_path: Path) -> None:
+        """`workers=None`: as many as deploy/gunicorn.conf.py (WEB_CONCURRENCY or its default) says."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -46,8 +47,9 @@ class Gunicorn:
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))
         self.env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}",
                     "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
-                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
-                    "WEB_CONCURRENCY": str(workers)}
+                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        if workers is not None:
+            self.env["WEB_CONCURRENCY"] = str(workers)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "Gunicorn":

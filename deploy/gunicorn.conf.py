@@ -41,7 +41,7 @@ if not _reloading:
         sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
                  "directory: wipe it before starting (stale files from an earlier run would be merged in)")
 
-from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
+from service.observability.gunicorn_hooks import AppWritesAccessLog, MasterHooks  # noqa: E402
 
 wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")
@@ -70,6 +70,7 @@ control_socket_disable = True
 # Same JSON handlers for the master, gunicorn's error log and every worker's app loggers.
 logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
 accesslog = None  # the app writes one access line per request (with route, user, request id)
+logger_class = AppWritesAccessLog
 
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 if not _reloading:

@@ -3,6 +3,7 @@ runner, its crash-recovery probe and its verdicts. Speed is not asserted."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from bench import run
 from tests.conftest import stack_env
@@ -11,14 +12,51 @@ from tests.stack import Gunicorn
 pytestmark = pytest.mark.stack
 
 
-def test_locust_runner_counts_requests_and_generator_cpu(migrated_database, tmp_path):
-    env = stack_env(migrated_database("test_bench_runner"), tmp_path, LOG_CONSOLE="0")
+def test_locust_runner_plays_the_lesson_user_and_counts_generator_cpu(migrated_database, tmp_path):
+    env = stack_env(migrated_database("test_bench_runner"), tmp_path, LOG_CONSOLE="0",
+                    PASSWORD_HASH_MEMORY_KIB="8192", PASSWORD_HASH_TIME_COST="1")
     with Gunicorn(env, workers=2, log_path=tmp_path / "g.out") as stack:
-        result = run.locust(stack.url, "ListUser", users=4, rate=4, seconds=3, workdir=tmp_path, tag="t")
-    assert result["requests"] > 50 and result["failures"] == 0
-    assert result["rps"] == round(result["requests"] / 3, 1)
+        result = run.locust(stack.url, "LessonFastUser", users=6, rate=6, seconds=4, workdir=tmp_path, tag="t")
+    names = [name for _, name, _, _ in result["records"]]
+    # every user registers and logs in on start, then runs the lesson's tasks
+    assert names.count("POST /auth/register") == 6 and names.count("POST /auth/login") == 6
+    assert set(names) - {"POST /auth/register", "POST /auth/login"} <= \
+        {"GET /books/", "POST /books/", "PUT /books/<id>", "DELETE /books/<id>"}
+    assert result["failures"] == 0 and result["requests"] == len(names)
     assert 0 < result["generator_cpu_pct"] <= 200
-    assert {name for _, name, _, _ in result["records"]} == {"GET /books/"}
+
+
+def test_wrk_runner_reports_what_the_server_stored(migrated_database, tmp_path):
+    """wrk's count of answered creates is checked against the rows the database holds."""
+    uri = migrated_database("test_bench_wrk")
+    env = stack_env(uri, tmp_path, LOG_CONSOLE="0", PASSWORD_HASH_MEMORY_KIB="8192", PASSWORD_HASH_TIME_COST="1")
+    with Gunicorn(env, workers=2, log_path=tmp_path / "g.out") as stack:
+        listed = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="list", connections=4)
+        created = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="create", connections=4,
+                          token=run.login(stack.url))
+    assert listed["requests"] > 20 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
+    assert listed["rps"] == round(listed["requests"] / listed["seconds"], 1)
+    assert created["requests"] > 20 and created["failures"] == 0
+    engine = create_engine(uri)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM books WHERE title = 'benchmark book'")).scalar()
+    engine.dispose()
+    # every answered create is stored; at most one per connection was still in flight at the end
+    assert created["requests"] <= stored <= created["requests"] + 4
+
+
+def test_wrk_output_with_failures_is_parsed():
+    output = """Running 2s test @ http://127.0.0.1:1/books/
+  Latency Distribution
+     50%  812.00us
+     99%    1.20s
+  1000 requests in 2.00s, 1.00MB read
+  Socket errors: connect 1, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:    500.00
+"""
+    assert run.parse_wrk(output) == {"requests": 1000, "failures": 10, "seconds": 2.0, "rps": 500.0,
+                                     "p50_ms": 0.81, "p99_ms": 1200.0}
 
 
 def test_crash_recovery_probe_measures_a_real_restart(migrated_database, tmp_path):

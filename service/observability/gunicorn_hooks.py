@@ -17,6 +17,7 @@ import threading
 from collections import Counter as Tally
 
 import psutil
+from gunicorn.glogging import Logger as GunicornLogger
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -27,6 +28,16 @@ log = logging.getLogger("service.workers")
 CLEAN_EXIT = "clean exit"
 # What the master itself sends to stop workers (shutdown, reload, scale down): not a crash.
 STOPPED = frozenset({CLEAN_EXIT, "SIGTERM", "SIGINT", "SIGQUIT"})
+
+
+class AppWritesAccessLog(GunicornLogger):
+    """gunicorn's logger without its access line: the app writes one, with the route, the user
+    and the request id (request_log.py). Stock gunicorn, whenever a logconfig_dict is set, still
+    builds its access line's atoms on every request only for the disabled logger to drop them
+    (~25 us a request, measured)."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        return None
 
 
 class ExitStatusRecorder(logging.Filter):
