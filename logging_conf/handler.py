@@ -1,6 +1,6 @@
 """One time-rotated log file written by many processes (gunicorn's master and its workers).
 
-Writing takes no lock. The file is opened with O_APPEND and unbuffered, and each record is
+Writing takes no lock, neither between processes nor between threads. The file is opened with O_APPEND and unbuffered, and each record is
 one write(2) of one whole line: the kernel appends each write at the end of the file as one
 piece, so lines from several processes never overwrite or split each other, and a line is in
 the file as soon as `emit` returns (a SIGKILLed worker loses nothing it logged).
@@ -38,17 +38,31 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
                          encoding=encoding, utc=utc)
         self.gzip = gzip
         self.lock_path = self.baseFilename + ".lock"
+        self._retired = None
 
     def _open(self):
         return open(self.baseFilename, "ab", buffering=0)  # O_APPEND, no user-space buffer
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """As logging.Handler.handle, without taking the handler's lock for every record: one
+        write(2) needs no lock, and under gthread that lock is contended by every thread."""
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self.shouldRollover(record):
-                self.doRollover()
+                with self.lock:  # one thread rotates; the others wait, then see it is done
+                    if self.shouldRollover(record):
+                        self.doRollover()
             data = (self.format(record) + "\n").encode(self.encoding, "backslashreplace")
+            stream = self.stream
             while data:  # a regular file takes it in one write unless the disk is full
-                data = data[self.stream.write(data):]
+                data = data[stream.write(data):]
         except Exception:
             self.handleError(record)
 
@@ -56,13 +70,22 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
         """Nothing is buffered."""
 
     def doRollover(self) -> None:
+        """Threads write without the lock, so one may still hold the old stream: it is retired,
+        not closed, and closed at the next rotation (its lines land in the rotated file)."""
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._retired is not None:
+                self._retired.close()
             if self._path_is_open_file():
                 self._rotate()
-            self.stream.close()
-            self.stream = self._open()
+            self._retired, self.stream = self.stream, self._open()
         self.rolloverAt = self.computeRollover(int(time.time()))
+
+    def close(self) -> None:
+        if self._retired is not None:
+            self._retired.close()
+            self._retired = None
+        super().close()
 
     def _path_is_open_file(self) -> bool:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,14 @@ def login(client):
         return {"Authorization": f"Bearer {response.get_json()['token']}"}
 
     return _login
+
+
+def eventually(read, expected, *, timeout: float = 3.0, interval: float = 0.1):
+    """`read()` until it returns `expected` (sampled gauges are up to a second old); the last
+    value read otherwise, for the caller's assertion to show."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -167,3 +167,34 @@ def test_a_backup_name_that_is_taken_gets_a_counter_instead_of_being_overwritten
     stamp = backups[0].removeprefix("app.log.")
     assert backups == [f"app.log.{stamp}", f"app.log.{stamp}.1"]
     assert json.loads((tmp_path / backups[0]).read_text())["message"] == "line 0"
+
+
+def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn(tmp_path):
+    """gthread workers log from several threads; the handler takes no lock to write, and a
+    thread still holding the stream a rotation retired writes into the rotated file."""
+    import threading
+    import time
+
+    from logging_conf.handler import SharedTimedRotatingFileHandler
+
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1)
+    handler.setFormatter(JsonFormatter())
+    threads, per_thread = 8, 3000
+    deadline = time.monotonic() + 2.5
+
+    def writer(n: int) -> None:
+        for i in range(per_thread):
+            handler.handle(_record("line", writer=n, seq=i, pad="x" * (i % 300)))
+            if i % 500 == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)  # spread the writes over a few rotations
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    handler.close()
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("app.log") and p.suffix != ".lock"]
+    assert len(files) >= 2, files  # it did rotate while the threads were writing
+    seen = [(line["writer"], line["seq"]) for p in files for line in map(json.loads, p.read_text().splitlines())]
+    assert sorted(seen) == [(n, i) for n in range(threads) for i in range(per_thread)]
