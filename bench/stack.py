@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ class Gunicorn:
         code = stop_process(self.process, timeout)
         if getattr(self, "_log", None):
             self._log.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)  # as systemd's RuntimeDirectory is
         return code
 
     def __enter__(self) -> "Gunicorn":

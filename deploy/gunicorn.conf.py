@@ -49,9 +49,12 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
 threads = _settings.gunicorn_threads
 # gthread by default, chosen by measurement (README, Performance): argon2 releases the GIL, so a
 # worker hashing a password still serves other requests from its other threads (books p95 in
-# the 1,000-user ramp fell from ~150 to ~60 ms), and keep-alive saves a TCP handshake per
-# request (+6-20 % throughput). The price: a worker that dies takes its in-flight requests (up
-# to `threads`) with it, where a sync worker loses one. GUNICORN_THREADS=1 gives sync workers.
+# the 1,000-user ramp: 59-104 ms, against 130-137 ms with 3 or 5 sync workers). The price:
+# more CPU per request (thread hops and GIL contention: 745 against 480 us of worker CPU per
+# list request; in one saturation run list 2,033 against 2,336 req/s sync, create 1,530 against
+# 1,264), and a worker that dies takes its in-flight requests (up to `threads`) with it, where
+# a sync worker loses one.
+# GUNICORN_THREADS=1 gives sync workers.
 worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
