@@ -102,6 +102,25 @@ def reference(uri: str, workdir: Path) -> Process:
 
 
 # --- load ---------------------------------------------------------------------------------
+def watch_generator(process: subprocess.Popen, *, limit: float, name: str) -> tuple[float, float]:
+    """Wait for a load generator to finish, reading its CPU time as it goes (the last reading
+    before it exits); stop it and fail after `limit` seconds. Returns (CPU s, wall s)."""
+    watched = psutil.Process(process.pid)
+    started = time.monotonic()
+    cpu = 0.0
+    while process.poll() is None:
+        try:
+            times = watched.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            pass
+        if time.monotonic() - started > limit:
+            stop_process(process, 10)
+            raise RuntimeError(f"{name} overran {limit:.0f}s")
+        time.sleep(0.25)
+    return cpu, time.monotonic() - started
+
+
 def locust(host: str, user: str, *, users: int, rate: float, seconds: float, workdir: Path, tag: str) -> dict:
     """Run headless locust; return its aggregate figures, the generator's CPU and the records."""
     records = workdir / f"{tag}-records.json"
@@ -110,21 +129,8 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
             "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5", "--loglevel", "WARNING"]
     env = {**os.environ, "BENCH_RECORDS": str(records), "LOCUST_METRICS_BIND": "off"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    started = time.monotonic()
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watched = psutil.Process(process.pid)
-    cpu = 0.0
-    while process.poll() is None:
-        try:
-            times = watched.cpu_times()
-            cpu = times.user + times.system
-        except psutil.Error:
-            pass
-        if time.monotonic() - started > seconds + 90:
-            stop_process(process, 10)
-            raise RuntimeError(f"locust {user} overran {seconds + 90:.0f}s")
-        time.sleep(0.25)
-    elapsed = time.monotonic() - started
+    cpu, elapsed = watch_generator(process, limit=seconds + 90, name=f"locust {user}")
     data = [tuple(r) for r in json.loads(records.read_text())] if records.exists() else []
     ok = [r for r in data if r[3]]
     return {"requests": len(data), "failures": len(data) - len(ok),
@@ -140,29 +146,16 @@ CONNECTIONS = 16
 def wrk(url: str, *, seconds: float, workdir: Path, tag: str, token: str | None = None,
         connections: int = CONNECTIONS) -> dict:
     """Saturate `url` with wrk (GET /books/, or POST /books/ as `token`'s owner when given);
-    return its figures, its CPU seconds and its share of a core. wrk is a C client with one thread: at 2,500 req/s it needs about a tenth of the
-    CPU locust's FastHttpUser does, and on a 2-core box every cycle the generator takes is a
-    cycle the server under test loses (most of all a multi-process one)."""
+    return its figures, its CPU seconds and its share of a core. wrk is a C client with one
+    thread: at 2,500 req/s it needs about a tenth of the CPU locust's FastHttpUser does, and on
+    a 2-core box every cycle the generator takes is a cycle the server under test loses."""
     argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     if token is not None:
         argv += ["-s", str(WRK_CREATE)]
     process = subprocess.Popen(argv + [url.rstrip("/") + "/books/"], cwd=ROOT, text=True,
                                env={**os.environ, "WRK_TOKEN": token or ""},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    watched = psutil.Process(process.pid)
-    started = time.monotonic()
-    cpu = 0.0
-    while process.poll() is None:
-        try:
-            times = watched.cpu_times()
-            cpu = times.user + times.system
-        except psutil.Error:
-            pass
-        if time.monotonic() - started > seconds + 30:
-            stop_process(process, 5)
-            raise RuntimeError(f"wrk {tag} overran {seconds + 30:.0f}s")
-        time.sleep(0.25)
-    elapsed = time.monotonic() - started
+    cpu, elapsed = watch_generator(process, limit=seconds + 30, name=f"wrk {tag}")
     with process.stdout:
         output = process.stdout.read()
     (workdir / f"{tag}-wrk.txt").write_text(output)
