@@ -136,13 +136,9 @@ def register_commands(app: APIFlask) -> None:
 
 def register_observability(app: APIFlask, settings: Settings) -> None:
     """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is)."""
-    from service.extensions import db
     from service.observability import metrics, sentry
 
-    metrics.init_app(app, enabled=settings.metrics_enabled)
-    if settings.metrics_enabled:
-        with app.app_context():
-            metrics.instrument_engine(db.engine)
+    metrics.init_app(app, settings)
     sentry.init_app(app, settings)
 
 

@@ -25,7 +25,7 @@ from service.settings import Settings
 
 
 def engine_options(settings: Settings) -> dict:
-    from service.observability.metrics import InstrumentedQueuePool
+    from service.observability import metrics
 
     return {
         "pool_size": settings.pool_size,
@@ -34,7 +34,7 @@ def engine_options(settings: Settings) -> dict:
         "pool_recycle": settings.pool_recycle,
         "pool_pre_ping": False,  # see ping_idle_connections
         "isolation_level": "AUTOCOMMIT",
-        "poolclass": InstrumentedQueuePool if settings.metrics_enabled else QueuePool,
+        "poolclass": metrics.InstrumentedQueuePool if metrics.enabled(settings) else QueuePool,
         "connect_args": {
             "connect_timeout": settings.db_connect_timeout,
             "application_name": "flaskapi-observability",

@@ -41,8 +41,8 @@ POOL_CAPACITY = Gauge("flaskapi_db_pool_capacity", "Connections the pools may op
                       registry=None, multiprocess_mode="livesum")
 POOL_CHECKED_OUT = Gauge("flaskapi_db_pool_checked_out", "Connections lent to requests (sampled every second)",
                          registry=None, multiprocess_mode="livesum")
-POOL_OVERFLOW = Gauge("flaskapi_db_pool_overflow_in_use", "Connections open beyond the pool size",
-                      registry=None, multiprocess_mode="livesum")
+POOL_OVERFLOW = Gauge("flaskapi_db_pool_overflow_in_use",
+                      "Connections open beyond the pool size (sampled every second)", registry=None, multiprocess_mode="livesum")
 POOL_WAIT = Histogram("flaskapi_db_pool_wait_seconds", "Time to obtain a pooled connection",
                       registry=None, buckets=POOL_WAIT_BUCKETS)
 POOL_TIMEOUTS = Counter("flaskapi_db_pool_checkout_timeouts_total",
@@ -56,8 +56,10 @@ _serving: set[int] = set()  # ids of the threads serving a request now
 _engines: list[Engine] = []
 
 
-def recording() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+def enabled(settings) -> bool:
+    """The one switch: METRICS_ENABLED and a multiprocess directory, which the launcher sets
+    before Python starts (absent under `flask run`, the CLI and in-process tests)."""
+    return settings.metrics_enabled and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class InstrumentedQueuePool(QueuePool):
@@ -80,12 +82,9 @@ def route(req) -> str:
     return req.url_rule.rule if req.url_rule is not None else "<unmatched>"
 
 
-def record_unhandled(exc: BaseException) -> None:
-    UNHANDLED.inc()
-
-
-def init_app(app: Flask, *, enabled: bool) -> None:
-    if not (enabled and recording()):
+def init_app(app: Flask, settings) -> None:
+    """HTTP metrics, requests in flight and the pool's gauges and counters, when `enabled`."""
+    if not enabled(settings):
         log.info("metrics recording off (PROMETHEUS_MULTIPROC_DIR unset or METRICS_ENABLED=0)")
         return
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
@@ -103,14 +102,18 @@ def init_app(app: Flask, *, enabled: bool) -> None:
     def _leave(exc) -> None:
         _serving.discard(threading.get_ident())
 
+    from service.extensions import db
+
+    with app.app_context():
+        _instrument_engine(db.engine)
+
 
 def worker_started(capacity: int) -> None:
     """In each worker right after the fork (gunicorn's post_fork): its pool's capacity counts
     from the start, and the sampler starts. Never in the master, whose files would count as
-    one more live process."""
-    if recording():
-        POOL_CAPACITY.set(capacity)
-        threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
+    one more live process. Called only when the master serves metrics (gunicorn_hooks.py)."""
+    POOL_CAPACITY.set(capacity)
+    threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
 
 def _sample_forever() -> None:
@@ -127,10 +130,9 @@ def _sample_forever() -> None:
         time.sleep(SAMPLE_SECONDS)
 
 
-def instrument_engine(engine: Engine) -> None:
-    """Pool gauges (sampled) and counters (SQLAlchemy's pool events) for `engine`."""
-    if not recording():
-        return
+def _instrument_engine(engine: Engine) -> None:
+    """Pool gauges (sampled) and counters (SQLAlchemy's pool events) for `engine`; its checkout
+    waits and timeouts come from InstrumentedQueuePool (service/database.py picks it)."""
     _engines.append(engine)
 
     @event.listens_for(engine, "invalidate")
