@@ -46,7 +46,6 @@ RATE_LIMIT_SECONDS = 60.0
 RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout"})
 _last_sent: dict[str, float] = {}
 _rate_lock = threading.Lock()
-_processor_added = False
 
 
 def init(settings: Settings) -> bool:
@@ -82,10 +81,6 @@ def init(settings: Settings) -> bool:
     ignore_logger("service.access")
     ignore_logger("gunicorn.error")
     ignore_logger("gunicorn.access")
-    global _processor_added
-    if not tracing and not _processor_added:
-        sentry_sdk.get_global_scope().add_event_processor(_request_context)
-        _processor_added = True
     return True
 
 
@@ -98,7 +93,8 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
-    """The request data the Flask integration would attach, read when an event is captured.
+    """The request id, and without tracing the request data the Flask integration would
+    attach, read when an event is captured (registered once per process, below).
 
     Events are captured on the thread serving the request, so `request` is that request.
     Headers go out as sent; `scrub` filters the sensitive ones. Bodies are never attached.
@@ -106,6 +102,8 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     if not has_request_context():
         return event
     event.setdefault("tags", {}).setdefault("request_id", g.get("request_id"))
+    if sentry_sdk.get_client().get_integration(FlaskIntegration) is not None:
+        return event  # tracing mode: the integration describes the request itself
     info = event.setdefault("request", {})
     info.update(url=request.base_url, method=request.method, headers=dict(request.headers),
                 query_string=request.query_string.decode("latin-1"))
@@ -114,6 +112,10 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
         event["transaction"] = rule.rule
         event["transaction_info"] = {"source": "route"}
     return event
+
+
+# The global scope outlives every sentry_sdk.init in the process: one registration serves all.
+sentry_sdk.get_global_scope().add_event_processor(_request_context)
 
 
 def flush(timeout: float = 2.0) -> None:
@@ -129,12 +131,7 @@ def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str
         url = str(request.get("url", ""))
         if "/auth/" in url:
             request.pop("data", None)  # credentials live in auth bodies
-        headers = request.get("headers")
-        if isinstance(headers, dict):
-            for name in list(headers):
-                if SENSITIVE_KEY.search(name):
-                    headers[name] = FILTERED
-    event = _scrub_value(event)
+    event = _scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
     return None if _rate_limited(event) else event
 
 
