@@ -2,7 +2,7 @@
 turned straight into JSON-ready dicts (no ORM objects, no second serialisation pass)."""
 from __future__ import annotations
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from service.extensions import db
 from service.models import Book
@@ -53,7 +53,7 @@ def update_owned(*, book_id: int, owner_id: int, values: dict) -> tuple[dict | N
     statement = (
         update(Book)
         .where(Book.id == book_id, Book.owner_id == owner_id)
-        .values(**values, updated_at=func.now())
+        .values(**values)  # updated_at: the column's onupdate
         .returning(*COLUMNS)
     )
     with db.engine.begin() as conn:
