@@ -25,7 +25,7 @@ _applied: str | None = None
 
 def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "app.log",
           when: str = "midnight", interval: int = 1, backup_count: int = 14,
-          gzip: bool = False, utc: bool = True, console: bool = True) -> dict[str, Any]:
+          gzip: bool = False, console: bool = True) -> dict[str, Any]:
     """The dictConfig for these options. `log_dir=None` means no file (console only)."""
     handlers: dict[str, dict[str, Any]] = {}
     if console:
@@ -40,7 +40,7 @@ def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "
             "interval": interval,
             "backupCount": backup_count,
             "gzip": gzip,
-            "utc": utc,
+            "utc": True,  # rotation at midnight UTC, whatever the host's zone
         }
     names = list(handlers)
     return {

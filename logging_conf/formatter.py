@@ -59,7 +59,6 @@ class JsonFormatter(_JsonFormatter):
 
     def add_fields(self, log_data, record, message_dict) -> None:
         super().add_fields(log_data, record, message_dict)
-        log_data.pop(_CACHE_ATTR, None)
         log_data.pop("color_message", None)  # uvicorn/werkzeug colour duplicates
         _add_request_context(log_data)
 

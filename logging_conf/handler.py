@@ -1,9 +1,10 @@
 """One time-rotated log file written by many processes (gunicorn's master and its workers).
 
-Writing takes no lock, neither between processes nor between threads. The file is opened with O_APPEND and unbuffered, and each record is
-one write(2) of one whole line: the kernel appends each write at the end of the file as one
-piece, so lines from several processes never overwrite or split each other, and a line is in
-the file as soon as `emit` returns (a SIGKILLed worker loses nothing it logged).
+Writing takes no lock, neither between processes nor between threads. The file is opened
+with O_APPEND and unbuffered, and each record is one write(2) of one whole line: the kernel
+appends each write at the end of the file as one piece, so lines from several processes never
+overwrite or split each other, and a line is in the file as soon as `emit` returns (a
+SIGKILLed worker loses nothing it logged).
 
 Rotation is coordinated, and only at rotation time. Every process knows the next rollover
 time. The first one to log past it takes an flock on `<file>.lock`. If the file at the path
@@ -105,19 +106,22 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
             taken += 1
             target = self.rotation_filename(f"{self.baseFilename}.{stamp}.{taken}")
         os.rename(self.baseFilename, target)
+        backups = self._backups()  # oldest first
         if self.backupCount > 0:
-            for path in self.getFilesToDelete():
+            for path in backups[:-self.backupCount]:
                 _remove(path)
+            backups = backups[-self.backupCount:]
         if self.gzip:
-            older = [path for path in self._backups() if path != target and not path.endswith(".gz")]
+            older = [path for path in backups if path != target and not path.endswith(".gz")]
             if older:
                 threading.Thread(target=_compress, args=(older,), name="log-gzip", daemon=True).start()
 
     def _backups(self) -> list[str]:
+        """Rotated files (`<file>.<period>[.n][.gz]`), oldest first; the time stamp sorts."""
         directory, base = os.path.split(self.baseFilename)
-        return [os.path.join(directory, name) for name in os.listdir(directory)
-                if name.startswith(base + ".") and not name.endswith(".tmp")
-                and any(self.extMatch.match(part) for part in name.split("."))]
+        return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                      if name.startswith(base + ".") and not name.endswith(".tmp")
+                      and any(self.extMatch.match(part) for part in name.split(".")))
 
 
 def _compress(paths: list[str]) -> None:

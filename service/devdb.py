@@ -11,6 +11,8 @@ import argparse
 import warnings
 from pathlib import Path
 
+from service.settings import normalise_database_uri
+
 DEFAULT_DATABASE = "flaskapi"
 
 
@@ -25,9 +27,9 @@ def server(pgdata: Path, cleanup_mode: str | None = None):
         return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
 
 
-def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE, cleanup_mode: str | None = None) -> str:
+def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE) -> str:
     """Start (or reuse) the server in `pgdata`, create `database` if missing, return its URI."""
-    return create_database(server(pgdata, cleanup_mode), database)
+    return create_database(server(pgdata), database)
 
 
 def create_database(handle, database: str) -> str:
@@ -35,7 +37,7 @@ def create_database(handle, database: str) -> str:
     exists = handle.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "(1 row)" not in exists:
         handle.psql(f'CREATE DATABASE "{database}";')
-    return handle.get_uri(database).replace("postgresql://", "postgresql+psycopg2://", 1)
+    return normalise_database_uri(handle.get_uri(database))
 
 
 def stop(pgdata: Path) -> None:

@@ -13,7 +13,8 @@ class Passwords:
     def __init__(self, *, time_cost: int, memory_cost: int, parallelism: int) -> None:
         self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost,
                                       parallelism=parallelism)
-        self._dummy_hash: str | None = None
+        # Made once (in gunicorn's master, with preload), not on a worker's first unknown email.
+        self._dummy_hash = self._hasher.hash("dummy password for timing parity")
 
     def hash(self, password: str) -> str:
         return self._hasher.hash(password)
@@ -22,8 +23,6 @@ class Passwords:
         """Constant work whether or not the user exists: an unknown email is checked against a
         dummy hash of the same cost, so timing does not reveal which emails are registered."""
         if password_hash is None:
-            if self._dummy_hash is None:
-                self._dummy_hash = self._hasher.hash("dummy password for timing parity")
             password_hash = self._dummy_hash
             known = False
         else:

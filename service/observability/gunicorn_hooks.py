@@ -79,7 +79,6 @@ class MasterMetrics(Collector):
         self.version = version
         self.database_probe = database_probe
         self.exits: Tally[str] = Tally()
-        self.restarts = 0
 
     def collect(self):
         info = GaugeMetricFamily("flaskapi_build_info", "Version and configured worker count",
@@ -92,8 +91,9 @@ class MasterMetrics(Collector):
         for cause, count in sorted(self.exits.items()):
             exits.add_metric([cause], count)
         yield exits
+        restarts = sum(count for cause, count in self.exits.items() if cause not in STOPPED)
         yield CounterMetricFamily("flaskapi_worker_restarts",
-                                  "Workers that died unexpectedly and were replaced", value=self.restarts)
+                                  "Workers that died unexpectedly and were replaced", value=restarts)
 
         workers = dict(self.server.WORKERS)
         yield GaugeMetricFamily("flaskapi_workers_alive", "Worker processes running", value=len(workers))
@@ -162,8 +162,6 @@ class MasterHooks:
             log.info("worker %d stopped (%s)", worker.pid, cause,
                      extra={"event": "worker_exit", "worker_pid": worker.pid, "cause": cause})
             return
-        if self.master_metrics is not None:
-            self.master_metrics.restarts += 1
         import sentry_sdk
 
         with sentry_sdk.new_scope() as scope:
