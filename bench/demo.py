@@ -10,27 +10,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import report
-from bench.stack import ROOT, Gunicorn, Prometheus, free_port, stack_env
+from bench import report, run
+from bench.stack import ROOT, Gunicorn, Prometheus, free_port, locust_env, stack_env
 
 
 def migrated_demo_database() -> str:
-    """A `flaskapi_demo` database on the embedded development Postgres, migrated."""
+    """A `flaskapi_demo` database on the embedded development Postgres (kept between demos), migrated."""
     from service import devdb
-    from service.settings import Settings
 
-    settings = Settings.from_env({"FLASK_ENV": "development"})
-    uri = devdb.ensure_database(devdb.pgdata_for(settings.data_dir), "flaskapi_demo")
-    subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, check=True,
-                   env={**os.environ, "DB_URI": uri, "FLASK_ENV": "development", "LOG_TO_FILE": "0"},
-                   stdout=subprocess.DEVNULL)
+    uri = devdb.create_database(run.dev_server(), "flaskapi_demo")
+    run.cli(uri, "db", "upgrade")
     return uri
 
 
@@ -61,7 +55,7 @@ def main() -> int:
 
     out = args.out or ROOT / "reports" / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    prometheus_installed = shutil.which("prometheus") or Path(Prometheus.BINARY).exists()
+    prometheus_installed = Path(Prometheus.BINARY).exists()
     if not prometheus_installed:
         print("Prometheus is not installed (Debian/Ubuntu: sudo apt-get install prometheus): "
               "the report will have locust's view only.", file=sys.stderr)
@@ -79,10 +73,9 @@ def main() -> int:
             print(f"Prometheus {prometheus.url}")
         try:
             started = time.time()
-            locust_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-            locust_env["LOCUST_METRICS_BIND"] = f"127.0.0.1:{locust_port}"
+            generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}")
             if args.crash_at:
-                locust_env["LOCUST_CRASH_AT"] = str(args.crash_at)
+                generator["LOCUST_CRASH_AT"] = str(args.crash_at)
             print(f"locust: {args.users} users over {args.ramp:.0f}s, then {args.hold:.0f}s steady"
                   + (f", crash at +{args.crash_at:.0f}s" if args.crash_at else ""))
             subprocess.run(
@@ -90,7 +83,7 @@ def main() -> int:
                  "-u", str(args.users), "-r", f"{args.users / args.ramp:.3f}", "-t", f"{duration}s",
                  "--host", stack.url, "--csv", str(out / "locust"), "--html", str(out / "locust.html"),
                  "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "10"],
-                cwd=ROOT, env=locust_env, timeout=duration + 120, check=True)
+                cwd=ROOT, env=generator, timeout=duration + 120, check=True)
             time.sleep(5)
             ended = time.time()
             summary = {"users": args.users, "duration_s": duration, **locust_totals(out / "locust")}

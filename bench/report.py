@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.stack import ROOT
+
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "flaskapi.json"
 
 
@@ -68,7 +69,7 @@ def legend(template: str, labels: dict) -> str:
 
 
 def render(prometheus, out_dir: Path, *, start: float, end: float, step: float = 2.0,
-           rate_interval: str = "20s", dashboard_path: Path = DASHBOARD,
+           rate_interval: str = "20s",
            marks: dict[str, float] | None = None) -> dict[str, dict[str, int]]:
     """One PNG per panel plus index.html; returns {panel title: {refId: number of series}}."""
     import matplotlib
@@ -77,7 +78,7 @@ def render(prometheus, out_dir: Path, *, start: float, end: float, step: float =
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dashboard = load(dashboard_path)
+    dashboard = load()
     window = f"{max(1, int(end - start))}s"
     summary: dict[str, dict[str, int]] = {}
     sections = []

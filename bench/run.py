@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.stack import ROOT, Gunicorn, free_port, stack_env, stop_process, wait_ready
+from bench.stack import GUNICORN, ROOT, Gunicorn, free_port, locust_env, stack_env, stop_process, wait_ready
 from tests.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
@@ -34,12 +34,19 @@ PYTHON = sys.executable
 
 
 # --- the database -------------------------------------------------------------------------
-def fresh_database(name: str) -> str:
-    """Drop and recreate `name` on the embedded Postgres, migrate it, return its URI."""
+def dev_server():
+    """A handle on the embedded development Postgres (`make run`'s), started if needed."""
     from service import devdb
     from service.settings import Settings
 
-    handle = devdb.server(devdb.pgdata_for(Settings.from_env({"FLASK_ENV": "development"}).data_dir))
+    return devdb.server(devdb.pgdata_for(Settings.from_env({"FLASK_ENV": "development"}).data_dir))
+
+
+def fresh_database(name: str) -> str:
+    """Drop and recreate `name` on the embedded Postgres, migrate it, return its URI."""
+    from service import devdb
+
+    handle = dev_server()
     handle.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE);')
     uri = devdb.create_database(handle, name)
     cli(uri, "db", "upgrade")
@@ -96,7 +103,7 @@ def flask_run(uri: str, workdir: Path) -> Process:
 
 def reference(uri: str, workdir: Path) -> Process:
     port = free_port()
-    return Process([str(Path(PYTHON).parent / "gunicorn"), "-w", "3", "-b", f"127.0.0.1:{port}",
+    return Process([str(GUNICORN), "-w", "3", "-b", f"127.0.0.1:{port}",
                     "--no-control-socket", "bench.reference_app:app"],
                    {"DB_URI": uri}, workdir / "reference.out", port)
 
@@ -127,8 +134,7 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
     argv = [PYTHON, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "-u", str(users),
             "-r", str(rate), "-t", f"{int(seconds)}s", "--host", host, "--csv", str(workdir / tag),
             "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5", "--loglevel", "WARNING"]
-    env = {**os.environ, "BENCH_RECORDS": str(records), "LOCUST_METRICS_BIND": "off"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = locust_env(BENCH_RECORDS=str(records), LOCUST_METRICS_BIND="off")
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cpu, elapsed = watch_generator(process, limit=seconds + 90, name=f"locust {user}")
     data = [tuple(r) for r in json.loads(records.read_text())] if records.exists() else []
@@ -266,10 +272,7 @@ def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag:
 def paired_ratio(a: dict, b: dict, key: str) -> float:
     """The median over rounds of a's throughput over b's in the same round: a disturbance on
     the shared box (a few seconds of someone else's CPU) spoils one round, not the figure."""
-    rounds_a, rounds_b = a.get(f"{key}_round_rps"), b.get(f"{key}_round_rps")
-    if not rounds_a or not rounds_b:  # results written before rounds were kept
-        return a[f"{key}_rps"] / b[f"{key}_rps"]
-    return statistics.median(x / y for x, y in zip(rounds_a, rounds_b))
+    return statistics.median(x / y for x, y in zip(a[f"{key}_round_rps"], b[f"{key}_round_rps"]))
 
 
 def saturation(uri: str, workdir: Path, seconds: float) -> dict:
@@ -357,19 +360,9 @@ def plot_ramp(records: list, path: Path, *, users: int, rate: float) -> None:
 
 
 def table(results: dict) -> list[tuple[str, str, str]]:
-    """(figure, value, target verdict) rows; ratios are computed here from one run's figures."""
-    rows = []
-    if "lesson" in results:
-        rows += _lesson_rows(results["lesson"])
-    if "saturation" in results:
-        rows += _saturation_rows(results["saturation"])
-    if "observability" in results:
-        rows += _observability_rows(results["observability"])
-    if "growth" in results:
-        rows += _growth_rows(results["growth"])
-    if "crash" in results:
-        rows += _crash_rows(results["crash"])
-    return rows
+    """(figure, value, target verdict) rows of the scenarios that ran; ratios are computed here
+    from one run's figures."""
+    return [row for name, rows_of in ROWS.items() if name in results for row in rows_of(results[name])]
 
 
 def _lesson_rows(lesson: dict) -> list[tuple[str, str, str]]:
@@ -434,6 +427,10 @@ def _crash_rows(crash: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+ROWS = {"lesson": _lesson_rows, "saturation": _saturation_rows, "observability": _observability_rows,
+        "growth": _growth_rows, "crash": _crash_rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller scales, under 3 minutes")
@@ -450,24 +447,18 @@ def main() -> int:
                            "memory_gib": round(psutil.virtual_memory().total / 2**30)},
                "mode": "quick" if quick else "full"}
 
-    def step(name, fn, *fn_args):
-        print(f"[{time.monotonic() - began:5.0f}s] {name} ...", flush=True)
-        results[name] = fn(*fn_args)
-
-    if set(args.only) - {"growth"}:
-        uri = fresh_database("flaskapi_bench")
+    uri = fresh_database("flaskapi_bench") if set(args.only) - {"growth"} else ""
+    if uri:
         seed(uri, 10_000)
-    if "lesson" in args.only:
-        step("lesson", lesson_at_scale, uri, workdir, quick)
-    if "saturation" in args.only:
-        step("saturation", saturation, uri, workdir, seconds)
-    if "observability" in args.only:
-        step("observability", observability_overhead, uri, workdir, seconds)
-    if "crash" in args.only:
-        step("crash", crash_recovery, uri, workdir, 5)
-    if "growth" in args.only:
-        growth_uri = fresh_database("flaskapi_bench_growth")
-        step("growth", growth, growth_uri, workdir, 100 if quick else 300)
+    runs = {"lesson": lambda: lesson_at_scale(uri, workdir, quick),
+            "saturation": lambda: saturation(uri, workdir, seconds),
+            "observability": lambda: observability_overhead(uri, workdir, seconds),
+            "crash": lambda: crash_recovery(uri, workdir, 5),
+            "growth": lambda: growth(fresh_database("flaskapi_bench_growth"), workdir, 100 if quick else 300)}
+    for name in SCENARIOS:  # in this order: the growth scenario's million rows come last
+        if name in args.only:
+            print(f"[{time.monotonic() - began:5.0f}s] {name} ...", flush=True)
+            results[name] = runs[name]()
     results["seconds"] = round(time.monotonic() - began)
 
     rows = table(results)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -28,10 +29,41 @@ def stack_env(uri: str, workdir: Path, **extra) -> dict[str, str]:
             "DATA_DIR": str(workdir / "data"), "LOG_DIR": str(workdir / "logs"), **extra}
 
 
+def locust_env(**extra) -> dict[str, str]:
+    """The environment for a locust process: ours without PROMETHEUS_MULTIPROC_DIR (locust's own
+    exporter uses prometheus_client, which must not write into a gunicorn's metrics dir)."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return {**env, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a Prometheus text endpoint, as (name, labels, value)."""
+    response = requests.get(url, timeout=10)
+    response.raise_for_status()
+    return [(s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(response.text) for s in family.samples]
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+    return sum(value for n, have, value in samples
+               if n == name and all(have.get(k) == v for k, v in labels.items()))
+
+
+def has_metric(samples, name: str) -> bool:
+    return any(n == name for n, _, _ in samples)
+
+
+def worker_pids(samples) -> set[int]:
+    """The pids of the live workers the master reports (one memory series each)."""
+    return {int(have["pid"]) for n, have, _ in samples
+            if n == "flaskapi_process_resident_memory_bytes" and have.get("role") == "worker"}
 
 
 class Gunicorn:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from bench.stack import stack_env  # noqa: F401 (the stack tests import it from here)
 from service import create_app, devdb
 from service.extensions import db
 

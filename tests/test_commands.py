@@ -11,6 +11,7 @@ from sqlalchemy import inspect, text
 
 from service import create_app, devdb
 from service.extensions import db
+from tests.conftest import empty_tables
 
 APP_TABLES = {"users", "books", "alembic_version"}
 
@@ -75,9 +76,7 @@ def test_seed_with_same_seed_is_repeatable(app, runner):
 
     assert runner.invoke(args=args).exit_code == 0
     first = snapshot()
-    with app.app_context():
-        with db.engine.begin() as conn:
-            conn.execute(text("TRUNCATE users, books RESTART IDENTITY CASCADE"))
+    empty_tables(app)
     assert runner.invoke(args=args).exit_code == 0
     assert snapshot() == first
 

@@ -47,10 +47,10 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
+from bench.stack import ROOT, free_port, metric, scrape
 from service import devdb
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 UNITS = ["flaskapi.service", "flaskapi-migrate.service"]
@@ -82,12 +82,6 @@ def run(args: list[str], *, timeout: float = 60, check: bool = True, **kwargs) -
     if check:
         assert result.returncode == 0, f"{shlex.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -242,12 +236,8 @@ def wait_workers(master: int, count: int, timeout: float = 20) -> set[int]:
     return pids
 
 
-def metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in requests.get(url, timeout=5).text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def scraped(url: str, name: str) -> float:
+    return metric(scrape(url), name)
 
 
 # =================================================================================================
@@ -597,7 +587,7 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             assert "READY=1" in message
             assert wait_http(f"http://127.0.0.1:{port}/readyz", master, log).json()["status"] == "ready"
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            assert metric(metrics_url, "flaskapi_database_up") == 1
+            assert scraped(metrics_url, "flaskapi_database_up") == 1
             before = wait_workers(master.pid, 2)
 
             # 3. systemctl reload: HUP to $MAINPID; the master stays, the workers are replaced.
@@ -613,17 +603,17 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             assert len(after) == 2 and not after & before, (before, after)
             assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
             deadline = time.monotonic() + 10
-            while metric(metrics_url, "flaskapi_worker_exits_total") < 2 and time.monotonic() < deadline:
+            while scraped(metrics_url, "flaskapi_worker_exits_total") < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert metric(metrics_url, "flaskapi_worker_exits_total") == 2  # old workers, clean exits
-            assert metric(metrics_url, "flaskapi_worker_restarts_total") == 0
+            assert scraped(metrics_url, "flaskapi_worker_exits_total") == 2  # old workers, clean exits
+            assert scraped(metrics_url, "flaskapi_worker_restarts_total") == 0
 
             # A crash after the reload is still seen and counted by the master.
             os.kill(sorted(after)[0], signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while metric(metrics_url, "flaskapi_worker_restarts_total") < 1 and time.monotonic() < deadline:
+            while scraped(metrics_url, "flaskapi_worker_restarts_total") < 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert metric(metrics_url, "flaskapi_worker_restarts_total") == 1
+            assert scraped(metrics_url, "flaskapi_worker_restarts_total") == 1
 
             # 4. systemctl stop: KillSignal to the master, done within TimeoutStopSec.
             assert one(app_unit, "Service", "KillSignal") == "SIGTERM"
@@ -965,7 +955,7 @@ def test_image_cmd_and_healthcheck_serve_like_the_container(app_database, tmp_pa
         wait_http(f"http://127.0.0.1:{port}/healthz", process, log)
         result = run(healthcheck, env=env, timeout=10, check=False)
         assert result.returncode == 0, result.stderr
-        assert metric(f"http://127.0.0.1:{metrics_port}/metrics", "flaskapi_database_up") == 1
+        assert scraped(f"http://127.0.0.1:{metrics_port}/metrics", "flaskapi_database_up") == 1
         assert not (metrics_dir / "gauge_livesum_999.db").exists()
         assert stop_group(process) == 0
         assert run(healthcheck, env=env, timeout=10, check=False).returncode != 0

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from service import devdb
-from tests.conftest import eventually, stack_env
-from tests.stack import Gunicorn, run_command
+from bench.stack import Gunicorn, has_metric, metric, run_command, scrape, stack_env, worker_pids
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -43,28 +42,6 @@ APP_NAME = "flaskapi-observability"  # application_name of the service's connect
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def scrape(stack: Gunicorn) -> list[tuple[str, dict[str, str], float]]:
-    response = requests.get(stack.metrics_url, timeout=10)
-    assert response.status_code == 200, response.text[:500]
-    return [(s.name, s.labels, s.value)
-            for family in text_string_to_metric_families(response.text) for s in family.samples]
-
-
-def metric(samples, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
-    return sum(value for n, l, value in samples
-               if n == name and all(l.get(k) == v for k, v in labels.items()))
-
-
-def has_metric(samples, name: str) -> bool:
-    return any(n == name for n, _, _ in samples)
-
-
-def worker_pids(samples) -> set[int]:
-    return {int(l["pid"]) for n, l, _ in samples
-            if n == "flaskapi_process_resident_memory_bytes" and l.get("role") == "worker"}
-
 
 def log_records(log_dir: Path) -> list[dict]:
     records = []
@@ -119,7 +96,7 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
     with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stack:
         # Warm up: the worker opens its single pooled connection.
         assert requests.get(stack.url + "/books/", timeout=10).status_code == 200
-        before = scrape(stack)
+        before = scrape(stack.metrics_url)
         pids_before = worker_pids(before)
         assert len(pids_before) == 1, before
         assert has_metric(before, "flaskapi_db_pool_checkout_timeouts_total")
@@ -173,12 +150,12 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
                 assert POOL_TIMEOUT * 0.9 <= elapsed < round_no * POOL_TIMEOUT + SLACK, latencies
             assert latencies[THREADS - 2] < POOL_TIMEOUT + SLACK, latencies  # the first round
 
-            after = scrape(stack)
+            after = scrape(stack.metrics_url)
             assert (metric(after, "flaskapi_db_pool_checkout_timeouts_total") - timeouts_before
                     == len(refused)), after
             # sampled gauges: the one request still in flight holds the one connection
             for gauge in ("flaskapi_db_pool_checked_out", "flask_http_requests_in_progress"):
-                assert eventually(lambda: metric(scrape(stack), gauge), 1) == 1, gauge
+                assert eventually(lambda: metric(scrape(stack.metrics_url), gauge), 1) == 1, gauge
 
             warnings_ = [r for r in log_records(tmp_path / "logs") if r.get("event") == "db_pool_timeout"]
             assert sorted(r["request_id"] for r in warnings_) == sorted(rid for rid, _ in refused), warnings_
@@ -219,9 +196,9 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
                                       range(THREADS * 3)))
         assert statuses == [200] * (THREADS * 3), statuses
 
-        final = scrape(stack)
+        final = scrape(stack.metrics_url)
         assert metric(final, "flaskapi_db_pool_checkout_timeouts_total") - timeouts_before == len(refused)
-        assert eventually(lambda: metric(scrape(stack), "flaskapi_db_pool_checked_out"), 0) == 0
+        assert eventually(lambda: metric(scrape(stack.metrics_url), "flaskapi_db_pool_checked_out"), 0) == 0
         assert worker_pids(final) == pids_before, "the worker was restarted"
         assert metric(final, "flaskapi_worker_restarts_total") == 0
         assert metric(final, "flaskapi_worker_exits_total") == 0
@@ -349,7 +326,7 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
     limit = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + 2
     with Gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.out") as stack:
         auth = login(stack, "outage@example.com")
-        healthy = scrape(stack)
+        healthy = scrape(stack.metrics_url)
         pids_before = worker_pids(healthy)
         assert len(pids_before) == 2, healthy
         assert metric(healthy, "flaskapi_database_up") == 1
@@ -375,7 +352,7 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
                 started = time.monotonic()
                 response = requests.get(stack.url + "/readyz", timeout=15)
                 readyz_during.append((response, time.monotonic() - started))
-                down_scrapes.append(metric(scrape(stack), "flaskapi_database_up"))
+                down_scrapes.append(metric(scrape(stack.metrics_url), "flaskapi_database_up"))
                 time.sleep(0.4)
             assert readyz_during and down_scrapes
             for response, elapsed in readyz_during:
@@ -403,7 +380,7 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
             traffic.join(timeout=30)
         assert not traffic.is_alive()
 
-        recovered = scrape(stack)
+        recovered = scrape(stack.metrics_url)
         assert metric(recovered, "flaskapi_database_up") == 1
         assert has_metric(recovered, "flaskapi_worker_restarts_total")
         assert metric(recovered, "flaskapi_worker_restarts_total") == 0

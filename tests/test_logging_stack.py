@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import stack_env
-from tests.stack import Gunicorn
+from bench.stack import Gunicorn, stack_env
 
 pytestmark = pytest.mark.stack
 

@@ -9,39 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
-from tests.conftest import eventually, stack_env
+from bench.stack import Gunicorn, has_metric, metric, scrape, stack_env, worker_pids
+from tests.conftest import eventually
 from tests.sentry_receiver import SentryReceiver
-from tests.stack import Gunicorn
 
 pytestmark = pytest.mark.stack
 
 WORKERS = 3
 THREADS = 4  # the shipped default (gthread)
-
-
-def scrape(stack: Gunicorn) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} from the master's metrics port."""
-    body = requests.get(stack.metrics_url, timeout=5).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body) for s in family.samples}
-
-
-def value(samples, name, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def total(samples, name, **labels) -> float:
-    """Sum over every label set that includes `labels`."""
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and set(labels.items()) <= set(ls))
-
-
-def worker_pids(samples) -> set[str]:
-    return {dict(ls)["pid"] for (n, ls), _ in samples.items()
-            if n == "flaskapi_process_resident_memory_bytes" and dict(ls)["role"] == "worker"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def stack(migrated_database, tmp_path_factory):
                         SENTRY_DSN=receiver.dsn, SENTRY_TRACES_SAMPLE_RATE="0")
         with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
             deadline = time.monotonic() + 15
-            while value(scrape(stack), "flaskapi_workers_alive") < WORKERS and time.monotonic() < deadline:
+            while metric(scrape(stack.metrics_url), "flaskapi_workers_alive") < WORKERS and time.monotonic() < deadline:
                 time.sleep(0.1)  # the master spawns workers one after another
             stack.receiver = receiver
             stack.data_dir = data_dir
@@ -61,38 +38,38 @@ def stack(migrated_database, tmp_path_factory):
 
 
 def test_series_are_present_and_move_with_requests(stack):
-    before = scrape(stack)
+    before = scrape(stack.metrics_url)
     for series in ("flaskapi_db_pool_capacity", "flaskapi_build_info", "flaskapi_workers_alive",
                    "flaskapi_database_up", "flaskapi_worker_restarts_total"):
-        assert any(name == series for name, _ in before), series
-    assert value(before, "flaskapi_build_info", version="0.1.0", workers=str(WORKERS)) == 1
-    assert value(before, "flaskapi_workers_alive") == WORKERS
-    assert value(before, "flaskapi_database_up") == 1
+        assert has_metric(before, series), series
+    assert metric(before, "flaskapi_build_info", version="0.1.0", workers=str(WORKERS)) == 1
+    assert metric(before, "flaskapi_workers_alive") == WORKERS
+    assert metric(before, "flaskapi_database_up") == 1
     assert len(worker_pids(before)) == WORKERS
 
     n = 60
     with ThreadPoolExecutor(max_workers=6) as pool:
         statuses = list(pool.map(lambda _: requests.get(stack.url + "/books/7", timeout=10).status_code, range(n)))
     assert statuses == [404] * n
-    after = scrape(stack)
+    after = scrape(stack.metrics_url)
     route = "/books/<book_id:book_id>"
     count = "flask_http_request_duration_seconds_count"
     # one series per route template, summed across workers: exactly the n requests just made
-    assert value(after, count, method="GET", route=route, status="404") - \
-        value(before, count, method="GET", route=route, status="404") == n
-    assert not any("/books/7" in dict(ls).get("route", "") for _, ls in after)  # never the raw path
-    assert total(after, "flaskapi_db_pool_wait_seconds_count") - total(before, "flaskapi_db_pool_wait_seconds_count") >= n
+    assert metric(after, count, method="GET", route=route, status="404") - \
+        metric(before, count, method="GET", route=route, status="404") == n
+    assert not any("/books/7" in labels.get("route", "") for _, labels, _ in after)  # never the raw path
+    assert metric(after, "flaskapi_db_pool_wait_seconds_count") - metric(before, "flaskapi_db_pool_wait_seconds_count") >= n
     # every live worker reports its pool's capacity from its start (default: a connection per thread)
-    assert value(after, "flaskapi_db_pool_capacity") == WORKERS * THREADS
+    assert metric(after, "flaskapi_db_pool_capacity") == WORKERS * THREADS
     # sampled gauges: all connections returned and no request in flight, within a sample
     for gauge in ("flaskapi_db_pool_checked_out", "flask_http_requests_in_progress"):
-        assert eventually(lambda: value(scrape(stack), gauge), 0) == 0, gauge
-    buckets = {dict(ls)["le"] for (name, ls), _ in after.items()
-               if name == "flask_http_request_duration_seconds_bucket"}
+        assert eventually(lambda: metric(scrape(stack.metrics_url), gauge), 0) == 0, gauge
+    buckets = {labels["le"] for name, labels, _ in after if name == "flask_http_request_duration_seconds_bucket"}
     assert {"0.005", "30.0"} <= buckets
+    assert len(worker_pids(after)) == WORKERS
     for pid in worker_pids(after):
-        assert value(after, "flaskapi_process_resident_memory_bytes", pid=pid, role="worker") > 10e6
-        assert value(after, "flaskapi_process_cpu_seconds_total", pid=pid, role="worker") >= 0
+        assert metric(after, "flaskapi_process_resident_memory_bytes", pid=str(pid), role="worker") > 10e6
+        assert metric(after, "flaskapi_process_cpu_seconds_total", pid=str(pid), role="worker") > 0
 
 
 def test_metrics_are_not_served_on_the_public_port(stack):
@@ -103,8 +80,8 @@ def test_metrics_are_not_served_on_the_public_port(stack):
 
 def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     crashes = 3
-    before = scrape(stack)
-    restarts_before = value(before, "flaskapi_worker_restarts_total")
+    before = scrape(stack.metrics_url)
+    restarts_before = metric(before, "flaskapi_worker_restarts_total")
     creds = {"email": f"load-{uuid.uuid4().hex[:8]}@example.com", "password": "secret-pass"}
     assert requests.post(stack.url + "/auth/register", json=creds, timeout=10).status_code == 201
     token = requests.post(stack.url + "/auth/login", json=creds, timeout=10).json()["token"]
@@ -146,11 +123,11 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
         for thread in threads:
             thread.join(15)
 
-    after = scrape(stack)
-    assert value(after, "flaskapi_worker_restarts_total") - restarts_before == crashes
-    assert value(after, "flaskapi_worker_exits_total", cause="exit code 1") >= crashes
-    assert value(after, "flaskapi_workers_alive") == WORKERS
-    assert value(after, "flaskapi_db_pool_capacity") == WORKERS * THREADS  # replacements count at once
+    after = scrape(stack.metrics_url)
+    assert metric(after, "flaskapi_worker_restarts_total") - restarts_before == crashes
+    assert metric(after, "flaskapi_worker_exits_total", cause="exit code 1") >= crashes
+    assert metric(after, "flaskapi_workers_alive") == WORKERS
+    assert metric(after, "flaskapi_db_pool_capacity") == WORKERS * THREADS  # replacements count at once
     # Every request that got an answer got a 201. A crash takes down only what was in flight on
     # its own worker: at most its other THREADS - 1 threads' requests each time.
     assert len(acknowledged) > 50
@@ -171,7 +148,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     assert len(deaths) >= crashes and len(requested) >= crashes
     crashed = {r["pid"] for r in requested}
     assert {d["worker_pid"] for d in deaths} >= crashed
-    assert len(worker_pids(after)) == WORKERS and not crashed & {int(p) for p in worker_pids(after)}
+    assert len(worker_pids(after)) == WORKERS and not crashed & worker_pids(after)
     assert all(r["request_id"] for r in requested)
 
     # Sentry: one event from each dying worker (with its request id) and one from the master.
@@ -189,19 +166,19 @@ def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
     import os
     import signal
 
-    before = scrape(stack)
+    before = scrape(stack.metrics_url)
     victim = sorted(worker_pids(before))[0]
-    os.kill(int(victim), signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        after = scrape(stack)
-        if victim not in worker_pids(after) and value(after, "flaskapi_workers_alive") == WORKERS:
+        after = scrape(stack.metrics_url)
+        if victim not in worker_pids(after) and metric(after, "flaskapi_workers_alive") == WORKERS:
             break
         time.sleep(0.1)
-    assert value(after, "flaskapi_worker_restarts_total") - value(before, "flaskapi_worker_restarts_total") == 1
-    assert value(after, "flaskapi_worker_exits_total", cause="SIGKILL") == \
-        value(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1
-    [event] = stack.receiver.wait_for(lambda e: str(e.get("tags", {}).get("worker_pid")) == victim)
+    assert metric(after, "flaskapi_worker_restarts_total") - metric(before, "flaskapi_worker_restarts_total") == 1
+    assert metric(after, "flaskapi_worker_exits_total", cause="SIGKILL") == \
+        metric(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1
+    [event] = stack.receiver.wait_for(lambda e: str(e.get("tags", {}).get("worker_pid")) == str(victim))
     assert event["tags"]["cause"] == "SIGKILL"
     assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
 
@@ -219,10 +196,10 @@ def test_a_worker_stuck_past_the_timeout_is_aborted_and_reported(migrated_databa
                 requests.get(stuck.url + "/books/", timeout=15)
             conn.rollback()
         deadline = time.monotonic() + 10
-        while value(scrape(stuck), "flaskapi_worker_exits_total", cause="timeout") < 1:
+        while metric(scrape(stuck.metrics_url), "flaskapi_worker_exits_total", cause="timeout") < 1:
             assert time.monotonic() < deadline, "no timeout exit counted"
             time.sleep(0.2)
-        assert value(scrape(stuck), "flaskapi_worker_restarts_total") == 1
+        assert metric(scrape(stuck.metrics_url), "flaskapi_worker_restarts_total") == 1
         assert requests.get(stuck.url + "/books/", timeout=5).status_code == 200
     engine.dispose()
     died = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()

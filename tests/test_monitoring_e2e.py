@@ -2,7 +2,6 @@
 crash and one slow-database spell, then every dashboard query evaluated through Prometheus."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -13,8 +12,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bench import report
-from tests.conftest import stack_env
-from tests.stack import ROOT, Gunicorn, Prometheus, free_port
+from bench.stack import Gunicorn, Prometheus, ROOT, free_port, locust_env, stack_env
 
 pytestmark = pytest.mark.stack
 
@@ -49,13 +47,12 @@ def run(migrated_database, tmp_path_factory):
             started_wall, started = time.time(), time.monotonic()
             staller = threading.Thread(target=hold_books_lock, args=(db_uri, started))
             staller.start()
-            locust_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-            locust_env.update(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
+            generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
             result = subprocess.run(
                 [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "30", "-r", "10",
                  "-t", f"{RUN_SECONDS}s", "--host", stack.url, "--only-summary", "--exit-code-on-error", "0",
                  "--stop-timeout", "5"],
-                cwd=ROOT, env=locust_env, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
+                cwd=ROOT, env=generator, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
             staller.join(30)
             time.sleep(3)  # two more scrapes after the last request
             ended = time.time()

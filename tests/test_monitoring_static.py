@@ -17,15 +17,14 @@ import requests
 import yaml
 
 from bench import report
-from bench.stack import Prometheus
+from bench.stack import ROOT, Prometheus
 
-ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
 RULES = MONITORING / "rules" / "flaskapi.rules.yml"
 RULE_TESTS = MONITORING / "rules" / "flaskapi.rules.test.yml"
 PROVISIONING = MONITORING / "grafana" / "provisioning"
-DASHBOARD = MONITORING / "grafana" / "dashboards" / "flaskapi.json"
+DASHBOARD = report.DASHBOARD
 
 ALERTS = {"FlaskapiHigh5xxRatio", "FlaskapiLatencyP95AboveSLO", "FlaskapiDbPoolSaturated",
           "FlaskapiDbPoolCheckoutTimeouts", "FlaskapiWorkerRestarted", "FlaskapiNotReady",
@@ -62,10 +61,6 @@ def alert_rules() -> dict[str, dict]:
 
 def dashboard() -> dict:
     return report.load(DASHBOARD)
-
-
-def all_panels(panels: list[dict]) -> list[dict]:
-    return report.flatten(panels)
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -174,7 +169,7 @@ def test_dashboard_settings():
 
 
 def test_every_panel_is_complete():
-    panels = all_panels(dashboard()["panels"])
+    panels = report.flatten(dashboard()["panels"])
     assert len(panels) >= 14
     ids = [p.get("id") for p in panels]
     assert len(ids) == len(set(ids)), "panel ids repeat"
@@ -194,7 +189,7 @@ def test_every_panel_is_complete():
 
 
 def test_dashboard_has_the_panels_of_the_story():
-    titles = {p["title"] for p in all_panels(dashboard()["panels"])}
+    titles = {p["title"] for p in report.flatten(dashboard()["panels"])}
     for expected in ("Locust users", "Locust RPS and failures/s", "Request rate by route",
                      "Latency p50/p95/p99", "Error rate by status (4xx/5xx)",
                      "DB pool: in use vs capacity", "DB pool wait p95",
@@ -202,7 +197,7 @@ def test_dashboard_has_the_panels_of_the_story():
                      "Per-worker memory", "Per-worker CPU", "Database up", "Requests in progress"):
         assert expected in titles
     assert any(t.startswith("Locust response time percentiles") for t in titles)
-    stats = [p for p in all_panels(dashboard()["panels"]) if p["title"] == "Database up"]
+    stats = [p for p in report.flatten(dashboard()["panels"]) if p["title"] == "Database up"]
     assert stats[0]["type"] == "stat"
 
 

@@ -11,7 +11,7 @@ import sentry_sdk
 from service.observability import sentry as sentry_module
 from service.observability.sentry import scrub
 from tests.sentry_receiver import SentryReceiver
-from tests.stack import run_command
+from bench.stack import run_command
 
 PASSWORD = "hunter2-very-secret"
 TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXBhcnQ"
@@ -134,4 +134,4 @@ def test_without_tracing_a_request_that_raises_nothing_sends_nothing_and_leaves_
     [event] = receiver.wait_for(lambda e: e.get("message") == "outside any request")
     assert "request" not in event and "request_id" not in event.get("tags", {})
     assert "quiet-req" not in json.dumps(event) and "/books/" not in json.dumps(event)
-    assert [e for e in receiver.events if e.get("type") == "transaction"] == []
+    assert receiver.transactions() == []

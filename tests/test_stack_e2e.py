@@ -18,8 +18,7 @@ from sqlalchemy import create_engine, text
 
 from service import devdb
 
-from stack import ROOT, Gunicorn, free_port, run_command
-from bench.stack import GUNICORN
+from bench.stack import GUNICORN, Gunicorn, ROOT, free_port, run_command
 
 pytestmark = pytest.mark.stack
 
