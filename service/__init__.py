@@ -28,10 +28,10 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     configure(app, settings)
     register_request_context(app)
     register_extensions(app, settings)
+    register_observability(app, settings)
     register_blueprints(app, settings)
     register_errorhandlers(app)
     register_commands(app)
-    register_observability(app, settings)
     trust_proxies(app, settings)
     return app
 
@@ -135,7 +135,9 @@ def register_commands(app: APIFlask) -> None:
 
 
 def register_observability(app: APIFlask, settings: Settings) -> None:
-    """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is)."""
+    """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is).
+    Before the error handlers' hooks: a request they answer early (a body that is not JSON)
+    is still timed by the exporter's before_request."""
     from service.observability import metrics, sentry
 
     metrics.init_app(app, settings)

@@ -72,6 +72,17 @@ def test_series_are_present_and_move_with_requests(stack):
         assert metric(after, "flaskapi_process_cpu_seconds_total", pid=str(pid), role="worker") > 0
 
 
+def test_requests_answered_by_an_early_hook_are_timed_too(stack):
+    """A body that is not JSON is refused by a before_request hook, before the view: the
+    exporter's own hook runs earlier, so the 400 is in the latency histogram like any answer."""
+    count, labels = "flask_http_request_duration_seconds_count", {"method": "POST", "route": "/books/", "status": "400"}
+    before = metric(scrape(stack.metrics_url), count, **labels)
+    response = requests.post(stack.url + "/books/", data="{not json", timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert metric(scrape(stack.metrics_url), count, **labels) - before == 1
+
+
 def test_metrics_are_not_served_on_the_public_port(stack):
     response = requests.get(stack.url + "/metrics", timeout=5)
     assert response.status_code == 404
