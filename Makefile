@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run test demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps run test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, 
 	bash .ci/system-deps.sh
 
 test: install system-deps ## the whole suite against real Postgres, gunicorn, Prometheus, nginx
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+STRESS_CORES ?= 1
+
+test-stress: install system-deps ## the suite while busy loops hold $${STRESS_CORES:-1} core(s): proves no verdict rests on the machine's speed
+	@hogs=""; for _ in $$(seq $(STRESS_CORES)); do sh -c 'while :; do :; done' & hogs="$$hogs $$!"; done; \
+	trap 'kill $$hogs 2>/dev/null' EXIT INT TERM; \
+	echo "busy loops on $(STRESS_CORES) core(s): pids$$hogs"; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install ## 200-user locust ramp with a crash, watched by Prometheus; report in reports/
 	$(BIN)/python -m bench.demo $(DEMO_ARGS)

@@ -85,7 +85,7 @@ class Gunicorn:
             self.env["WEB_CONCURRENCY"] = str(workers)
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Gunicorn":
+    def start(self, timeout: float = 60.0) -> "Gunicorn":
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [str(GUNICORN), "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
@@ -123,12 +123,28 @@ def wait_ready(process: subprocess.Popen, url: str, *, timeout: float, name: str
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}")
         try:
-            if requests.get(url, timeout=1).status_code == 200:
+            if requests.get(url, timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{name} did not answer {url} within {timeout}s")
+
+
+def wait_for(predicate, what: str, timeout: float = 60, interval: float = 0.05):
+    """Call `predicate()` until it returns something truthy, and return that; after `timeout`
+    seconds raise AssertionError naming `what`. The deadline is generous on purpose: a poll
+    returns as soon as the condition holds, so it costs nothing when things work, and a loaded
+    machine gets its time. Exceptions from `predicate` propagate (to fail at once, e.g. when the
+    process waited on has exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def run_command(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -184,7 +200,7 @@ class Prometheus:
         self.config_path.write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Prometheus":
+    def start(self, timeout: float = 60.0) -> "Prometheus":
         self._log = open(self.workdir / "prometheus.out", "ab")
         self.process = subprocess.Popen(
             [self.BINARY, f"--config.file={self.config_path}",

@@ -29,14 +29,21 @@ import os
 import shutil
 import threading
 import time
+from typing import Callable
 
 
 class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
     def __init__(self, filename: str, when: str = "midnight", interval: int = 1,
                  backupCount: int = 0, utc: bool = True, encoding: str = "utf-8",  # noqa: N803
-                 gzip: bool = False) -> None:
+                 gzip: bool = False, clock: Callable[[], float] = time.time) -> None:
+        """`clock` says what time it is (seconds since the epoch); tests pass their own, so
+        whether a record falls in the next period never depends on how fast the machine is."""
+        existed = os.path.exists(filename)
         super().__init__(filename, when=when, interval=interval, backupCount=backupCount,
                          encoding=encoding, utc=utc)
+        self.clock = clock
+        if not existed:  # the stdlib took the new file's mtime, which is the real time
+            self.rolloverAt = self.computeRollover(int(clock()))
         self.gzip = gzip
         self.lock_path = self.baseFilename + ".lock"
         self._retired = None
@@ -70,6 +77,16 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
     def flush(self) -> None:
         """Nothing is buffered."""
 
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802
+        """As the stdlib's, on `self.clock`; never rotates what is not a regular file."""
+        now = int(self.clock())
+        if now < self.rolloverAt:
+            return False
+        if os.path.exists(self.baseFilename) and not os.path.isfile(self.baseFilename):
+            self.rolloverAt = self.computeRollover(now)
+            return False
+        return True
+
     def doRollover(self) -> None:
         """Threads write without the lock, so one may still hold the old stream: it is retired,
         not closed, and closed at the next rotation (its lines land in the rotated file)."""
@@ -80,7 +97,7 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
             if self._path_is_open_file():
                 self._rotate()
             self._retired, self.stream = self.stream, self._open()
-        self.rolloverAt = self.computeRollover(int(time.time()))
+        self.rolloverAt = self.computeRollover(int(self.clock()))
 
     def close(self) -> None:
         if self._retired is not None:

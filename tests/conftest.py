@@ -108,9 +108,9 @@ def login(client):
     return _login
 
 
-def eventually(read, expected, *, timeout: float = 3.0, interval: float = 0.1):
-    """`read()` until it returns `expected` (sampled gauges are up to a second old); the last
-    value read otherwise, for the caller's assertion to show."""
+def eventually(read, expected, *, timeout: float = 30.0, interval: float = 0.1):
+    """`read()` until it returns `expected` (sampled gauges are up to a second old, more on a
+    loaded machine); the last value read otherwise, for the caller's assertion to show."""
     deadline = time.monotonic() + timeout
     while True:
         value = read()

@@ -83,14 +83,19 @@ class SentryReceiver:
         with self._lock:
             return [e for e in self.events if e.get("type") == "transaction"]
 
-    def wait_for(self, predicate, *, count: int = 1, timeout: float = 15.0,
+    def wait_for(self, predicate, *, count: int = 1, timeout: float = 60.0,
                  transactions: bool = False) -> list[dict]:
-        """Error events (or transactions) matching `predicate`, once `count` have arrived."""
+        """Error events (or transactions) matching `predicate`, once `count` have arrived (the
+        deadline is generous: this returns as soon as they are there)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             matched = [e for e in (self.transactions() if transactions else self.errors()) if predicate(e)]
             if len(matched) >= count:
                 return matched
-            time.sleep(0.1)
-        raise AssertionError(f"expected {count} matching Sentry events within {timeout}s, "
-                             f"got {[e.get('message') or e.get('logentry') for e in self.errors()]}")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        seen = self.transactions() if transactions else self.errors()
+        raise AssertionError(f"timed out after {timeout}s waiting for {count} matching Sentry "
+                             f"{'transactions' if transactions else 'events'}, got "
+                             f"{[e.get('transaction') or e.get('message') or e.get('logentry') for e in seen]}")

@@ -40,9 +40,10 @@ def test_wrk_runner_reports_what_the_server_stored(bench_stack, tmp_path):
     listed = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="list", connections=4)
     created = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="create", connections=4,
                       token=run.login(stack.url))
-    assert listed["requests"] > 20 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
+    # How many requests fit in the second is the machine's speed: only that some were answered.
+    assert listed["requests"] > 0 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
     assert listed["rps"] == round(listed["requests"] / listed["seconds"], 1)
-    assert created["requests"] > 20 and created["failures"] == 0
+    assert created["requests"] > 0 and created["failures"] == 0
     engine = create_engine(uri)
     with engine.connect() as conn:
         stored = conn.execute(text("SELECT count(*) FROM books WHERE title = 'benchmark book'")).scalar()

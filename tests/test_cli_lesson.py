@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -21,7 +20,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from service import devdb
 
-from bench.stack import ROOT, free_port, run_command, stop_process
+from bench.stack import ROOT, free_port, run_command, stop_process, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -112,17 +111,19 @@ def test_flask_run_serves_books(cli_env, tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
             cwd=ROOT, env=cli_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def answer():
+            assert process.poll() is None, f"flask run exited {process.returncode}"
+            try:  # in a list: a Response is falsy when its status is 4xx/5xx
+                return [requests.get(url + "/books/", timeout=30)]
+            except requests.ConnectionError:  # not listening yet
+                return None
+
         try:
-            response = None
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    response = requests.get(url + "/books/", timeout=2)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.2)
-            assert response is not None, f"flask run did not answer (exit {process.poll()}):\n" \
-                                         f"{log.read_text(errors='replace')[-3000:]}"
+            try:
+                [response] = wait_for(answer, f"flask run to answer on {url}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
             assert response.status_code == 200, response.text
             assert response.headers["Content-Type"].startswith("application/json")
             assert response.json() == {"items": [], "next_cursor": None}  # fresh tables

@@ -7,6 +7,8 @@ import logging
 
 import pytest
 
+from bench.stack import wait_for
+
 from logging_conf.formatter import JsonFormatter
 from service.observability.metrics import UNHANDLED
 
@@ -102,11 +104,21 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
         [("boom-1", 500, "/boom", "ERROR")]
 
 
+class FakeClock:
+    """Epoch seconds that move only when the test moves them: which period a record falls in
+    never depends on how fast (or how loaded) the machine is."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
     """Compressed one rotation late (delaycompress): a process that has not yet noticed the
     rotation may still append to the newest backup, so only older ones are compressed."""
     import gzip
-    import time
 
     import logging_conf
     from logging_conf.handler import SharedTimedRotatingFileHandler
@@ -114,15 +126,15 @@ def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
     options = dict(logging_conf.build(log_dir=tmp_path, when="S", interval=1, gzip=True)["handlers"]["file"])
     assert options.pop("class") == logging_conf.ROTATING_HANDLER
     options.pop("formatter")
-    handler = SharedTimedRotatingFileHandler(**options)
+    clock = FakeClock()
+    handler = SharedTimedRotatingFileHandler(**options, clock=clock)
     handler.setFormatter(JsonFormatter())
     try:
         for message in ("first period", "second period", "third period"):
             handler.emit(_record(message))
-            time.sleep(1.1)
-        deadline = time.monotonic() + 10
-        while not list(tmp_path.glob("app.log.*.gz")) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the compression runs on a background thread
+            clock.now += 1  # the next record belongs to the next period
+        # the compression runs on a background thread
+        wait_for(lambda: list(tmp_path.glob("app.log.*.gz")), "the oldest backup to be gzipped")
     finally:
         handler.close()
     [compressed] = tmp_path.glob("app.log.*.gz")
@@ -135,12 +147,14 @@ def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
 def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
     from logging_conf.handler import SharedTimedRotatingFileHandler
 
-    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, backupCount=2)
+    clock = FakeClock()
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, backupCount=2,
+                                             clock=clock)
     handler.setFormatter(JsonFormatter())
     try:
         for n in range(5):
             handler.emit(_record(f"line {n}"))
-            handler.rolloverAt = 1_000_000 + n  # due at the next line; each period a second later
+            clock.now += 1  # due at the next line; each period a second later
     finally:
         handler.close()
     backups = sorted(p for p in tmp_path.glob("app.log.*") if p.suffix != ".lock")
@@ -153,12 +167,13 @@ def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
 def test_a_backup_name_that_is_taken_gets_a_counter_instead_of_being_overwritten(tmp_path):
     from logging_conf.handler import SharedTimedRotatingFileHandler
 
-    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1)
+    clock = FakeClock()  # never moves: no rotation is due but the ones the test forces
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, clock=clock)
     handler.setFormatter(JsonFormatter())
     try:
         for n in range(3):
             handler.emit(_record(f"line {n}"))
-            handler.rolloverAt = 1_000_000  # the same period every time
+            handler.rolloverAt = clock.now  # due now, and for the same period every time
     finally:
         handler.close()
     backups = sorted(p.name for p in tmp_path.glob("app.log.*") if p.suffix != ".lock")
@@ -170,28 +185,31 @@ def test_a_backup_name_that_is_taken_gets_a_counter_instead_of_being_overwritten
 def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn(tmp_path):
     """gthread workers log from several threads; the handler takes no lock to write, and a
     thread still holding the stream a rotation retired writes into the rotated file."""
+    import itertools
     import threading
-    import time
 
     from logging_conf.handler import SharedTimedRotatingFileHandler
 
-    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1)
-    handler.setFormatter(JsonFormatter())
     threads, per_thread = 8, 3000
+    # The clock advances one period every 4,000 reads (at least one read per record): about six
+    # rotations while the threads write, however fast or slow they run.
+    reads = itertools.count()
+    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1,
+                                             clock=lambda: 1_000_000 + next(reads) // 4000)
+    handler.setFormatter(JsonFormatter())
 
     def writer(n: int) -> None:
         for i in range(per_thread):
             handler.handle(_record("line", writer=n, seq=i, pad="x" * (i % 300)))
-            if i % 100 == 0:
-                time.sleep(0.08)  # 30 pauses: the writes span at least two rotations
 
     workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(30)
+        worker.join(120)
+    assert not any(worker.is_alive() for worker in workers), "a writer thread is stuck"
     handler.close()
     files = [p for p in tmp_path.iterdir() if p.name.startswith("app.log") and p.suffix != ".lock"]
-    assert len(files) >= 3, files  # it did rotate, twice, while the threads were writing
+    assert len(files) >= 3, files  # it did rotate, at least twice, while the threads were writing
     seen = [(line["writer"], line["seq"]) for p in files for line in map(json.loads, p.read_text().splitlines())]
     assert sorted(seen) == [(n, i) for n in range(threads) for i in range(per_thread)]

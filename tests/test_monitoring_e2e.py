@@ -12,20 +12,22 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bench import report
-from bench.stack import Gunicorn, Prometheus, ROOT, free_port, locust_env, stack_env
+from bench.stack import Gunicorn, Prometheus, ROOT, free_port, locust_env, metric, scrape, stack_env, wait_for
 
 pytestmark = pytest.mark.stack
 
 RUN_SECONDS = 30
 CRASH_AT = 8
-STALL_AT, STALL_SECONDS = 14, 6
+STALL_SECONDS = 6  # after the crash (at CRASH_AT s of locust's run), before its end
 RATE = "10s"
 
 
-def hold_books_lock(db_uri: str, started: float) -> None:
+def hold_books_lock(db_uri: str, metrics_url: str) -> None:
     """A slow database: lock the books table so every books query waits past the statement
-    timeout and is answered 503 (database_timeout)."""
-    time.sleep(max(0.0, STALL_AT - (time.monotonic() - started)))
+    timeout and is answered 503 (database_timeout). It starts once the crash's restart is
+    counted, so the two faults come one after the other whatever the machine's speed."""
+    wait_for(lambda: metric(scrape(metrics_url), "flaskapi_worker_restarts_total") >= 1,
+             "the scheduled crash's restart", timeout=RUN_SECONDS + 60)
     engine = create_engine(db_uri)
     with engine.connect() as conn:
         conn.execute(text("LOCK TABLE books IN ACCESS EXCLUSIVE MODE"))
@@ -44,8 +46,8 @@ def run(migrated_database, tmp_path_factory):
     with Gunicorn(env, workers=3, log_path=data_dir / "gunicorn.out") as stack:
         targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
         with Prometheus(data_dir, targets=targets, interval="1s") as prometheus:
-            started_wall, started = time.time(), time.monotonic()
-            staller = threading.Thread(target=hold_books_lock, args=(db_uri, started))
+            started_wall = time.time()
+            staller = threading.Thread(target=hold_books_lock, args=(db_uri, stack.metrics_url))
             staller.start()
             generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
             result = subprocess.run(
@@ -53,8 +55,13 @@ def run(migrated_database, tmp_path_factory):
                  "-t", f"{RUN_SECONDS}s", "--host", stack.url, "--only-summary", "--exit-code-on-error", "0",
                  "--stop-timeout", "5"],
                 cwd=ROOT, env=generator, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
-            staller.join(30)
-            time.sleep(3)  # two more scrapes after the last request
+            staller.join(RUN_SECONDS + 90)
+            assert not staller.is_alive(), "the database stall never ended"
+            load_ended = time.time()
+            # two more scrapes of the app after the last request, so every rate sees the end
+            wait_for(lambda: any(float(s["value"][1]) > load_ended + 1 for s in
+                                 prometheus.query('timestamp(up{job="flaskapi"})')),
+                     "two scrapes after the load ended")
             ended = time.time()
             yield prometheus, started_wall, ended, result, data_dir
 
