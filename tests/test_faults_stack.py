@@ -166,10 +166,10 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
                 assert POOL_TIMEOUT * 0.9 <= record["waited_s"] < POOL_TIMEOUT + SLACK, record
                 assert record["pid"] in pids_before, record
         finally:
+            released_at = time.monotonic()  # just before: the holder cannot finish earlier
             locker.rollback()  # releases the lock
             locker.close()
             locker_engine.dispose()
-            released_at = time.monotonic()
             pool.shutdown(wait=True, cancel_futures=False)
 
         # The request that held the connection finishes normally once the lock is gone.
