@@ -22,7 +22,6 @@ auth-route bodies, and any value under a sensitive key or that looks like a toke
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Any
@@ -33,13 +32,11 @@ from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
-from logging_conf.formatter import redact
+from logging_conf.redaction import scrub_value
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SENSITIVE_KEY = re.compile(r"(?i)pass(word|wd)?|secret|token|authorization|cookie|session|jwt|api[-_]?key")
-FILTERED = "[Filtered]"
 # The same degraded-mode message from one process is sent once a minute at most: under a load
 # test a pool timeout can happen thousands of times, and one event says it all.
 RATE_LIMIT_SECONDS = 60.0
@@ -131,20 +128,8 @@ def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str
         url = str(request.get("url", ""))
         if "/auth/" in url:
             request.pop("data", None)  # credentials live in auth bodies
-    event = _scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
+    event = scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
     return None if _rate_limited(event) else event
-
-
-def _scrub_value(value: Any, key: str = "") -> Any:
-    if key and SENSITIVE_KEY.search(key) and isinstance(value, (str, bytes, int, float)):
-        return FILTERED
-    if isinstance(value, dict):
-        return {k: _scrub_value(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_value(v) for v in value]
-    if isinstance(value, str):
-        return redact(value)
-    return value
 
 
 def _rate_limited(event: dict[str, Any]) -> bool:
