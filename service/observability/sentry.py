@@ -17,13 +17,13 @@ gunicorn's own error log are left out: the first would double every 5xx, and wor
 reported by our master hook with structured tags instead (gunicorn_hooks.py).
 
 Nothing secret leaves the process: `scrub` runs on every event and drops cookies, auth headers,
-auth-route bodies, and any value under a sensitive key or that looks like a token.
+auth-route bodies, and any value under a sensitive key or that looks like a token (the rules are
+logging_conf/redaction.py, shared with the log lines). `before_send` then drops repeated
+degraded-mode reports (sentry_rate_limit.py).
 """
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
 import sentry_sdk
@@ -33,16 +33,11 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
 from logging_conf.redaction import scrub_value
+from service.observability import sentry_rate_limit
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The same degraded-mode message from one process is sent once a minute at most: under a load
-# test a pool timeout can happen thousands of times, and one event says it all.
-RATE_LIMIT_SECONDS = 60.0
-RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout"})
-_last_sent: dict[str, float] = {}
-_rate_lock = threading.Lock()
 
 
 def init(settings: Settings) -> bool:
@@ -72,8 +67,8 @@ def init(settings: Settings) -> bool:
         # SQLAlchemy's adds only a breadcrumb per query (~85 us a request, measured) and
         # Flask's is replaced by `_request_context`.
         disabled_integrations=[] if tracing else [FlaskIntegration, SqlalchemyIntegration],
-        before_send=scrub,
-        before_send_transaction=scrub,
+        before_send=before_send,
+        before_send_transaction=scrub,  # a transaction is never a degraded-mode report
     )
     ignore_logger("service.access")
     ignore_logger("gunicorn.error")
@@ -121,26 +116,18 @@ def flush(timeout: float = 2.0) -> None:
         sentry_sdk.flush(timeout)
 
 
-def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def before_send(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Every error event: scrubbed, then dropped if it repeats a degraded-mode report."""
+    event = scrub(event, hint)
+    return None if sentry_rate_limit.rate_limited(event) else event
+
+
+def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`event` without cookies, auth-route bodies, values under sensitive keys or token-like text."""
     request = event.get("request")
     if isinstance(request, dict):
         request.pop("cookies", None)
         url = str(request.get("url", ""))
         if "/auth/" in url:
             request.pop("data", None)  # credentials live in auth bodies
-    event = scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
-    return None if _rate_limited(event) else event
-
-
-def _rate_limited(event: dict[str, Any]) -> bool:
-    """Degraded-mode reports (pool exhausted, database down): one per kind per minute."""
-    kind = (event.get("extra") or {}).get("event")
-    if kind not in RATE_LIMITED_EVENTS:
-        return False
-    now = time.monotonic()
-    with _rate_lock:
-        last = _last_sent.get(kind)
-        if last is not None and now - last < RATE_LIMIT_SECONDS:
-            return True
-        _last_sent[kind] = now
-    return False
+    return scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
