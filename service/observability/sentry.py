@@ -38,12 +38,14 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_request_context_registered = False  # per process; a forked worker inherits it with the scope
 
 
 def init(settings: Settings) -> bool:
     """Initialise once per process tree (the master, with preload; workers inherit it)."""
     if not settings.sentry_dsn:
         return False
+    _register_request_context()
     client = sentry_sdk.get_client()
     if client.is_active() and client.dsn == settings.sentry_dsn:
         return True  # already set up in this process (the app factory ran twice)
@@ -86,7 +88,7 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
     """The request id, and without tracing the request data the Flask integration would
-    attach, read when an event is captured (registered once per process, below).
+    attach, read when an event is captured (registered once per process, by `init`).
 
     Events are captured on the thread serving the request, so `request` is that request.
     Headers go out as sent; `scrub` filters the sensitive ones. Bodies are never attached.
@@ -106,8 +108,13 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     return event
 
 
-# The global scope outlives every sentry_sdk.init in the process: one registration serves all.
-sentry_sdk.get_global_scope().add_event_processor(_request_context)
+def _register_request_context() -> None:
+    """The global scope outlives every sentry_sdk.init in the process (and is copied into the
+    workers forked from a preloaded master): one registration serves all."""
+    global _request_context_registered
+    if not _request_context_registered:
+        sentry_sdk.get_global_scope().add_event_processor(_request_context)
+        _request_context_registered = True
 
 
 def flush(timeout: float = 2.0) -> None:
