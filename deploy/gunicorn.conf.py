@@ -78,8 +78,7 @@ logger_class = AppWritesAccessLog
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 if not _reloading:
     _master.hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
-                                version=_settings.version,
-                                pool_capacity=_settings.pool_size + _settings.max_overflow)
+                                version=_settings.version)
     _master.pid = os.getpid()
 _hooks = _master.hooks
 on_starting = _hooks.on_starting

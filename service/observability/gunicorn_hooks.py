@@ -121,10 +121,9 @@ class MasterMetrics(Collector):
 class MasterHooks:
     """The gunicorn server hooks, bound to one master process (see deploy/gunicorn.conf.py)."""
 
-    def __init__(self, *, metrics_bind: str | None, version: str, pool_capacity: int) -> None:
+    def __init__(self, *, metrics_bind: str | None, version: str) -> None:
         self.metrics_bind = metrics_bind
         self.version = version
-        self.pool_capacity = pool_capacity
         self.exit_status = ExitStatusRecorder()
         self.master_metrics: MasterMetrics | None = None
         self._httpd = None
@@ -150,7 +149,7 @@ class MasterHooks:
         if self.metrics_bind:
             from service.observability.metrics import worker_started
 
-            worker_started(self.pool_capacity)
+            worker_started()
 
     def child_exit(self, server, worker) -> None:
         if self.metrics_bind:
