@@ -14,7 +14,7 @@ Two modes, chosen by SENTRY_TRACES_SAMPLE_RATE:
 What becomes an event: every log record at WARNING or above (the logging integration), so the
 log line and the Sentry event are the same fact with the same request id. The access log and
 gunicorn's own error log are left out: the first would double every 5xx, and worker deaths are
-reported by our master hook with structured tags instead (gunicorn_hooks.py).
+reported by the master with structured tags instead (worker_exits.py).
 
 Nothing secret leaves the process: `scrub` runs on every event and drops cookies, auth headers,
 auth-route bodies, and any value under a sensitive key or that looks like a token (the rules are
