@@ -54,7 +54,7 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
-    from service.books.views import PAGE_MAX
+    from service.books.schemas import PAGE_MAX
     from service.database import engine_options
     from service.errors import ERROR_SCHEMA
 
@@ -136,7 +136,7 @@ def register_errorhandlers(app: APIFlask) -> None:
 
 def register_openapi(app: APIFlask) -> None:
     """Corrections to the generated OpenAPI document (service/openapi.py)."""
-    from service.books.views import MAX_ID
+    from service.models import MAX_ID
     from service.openapi import register_spec_processor
 
     register_spec_processor(app, max_id=MAX_ID)
