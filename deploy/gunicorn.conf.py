@@ -41,7 +41,8 @@ if not _reloading:
         sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
                  "directory: wipe it before starting (stale files from an earlier run would be merged in)")
 
-from service.observability.gunicorn_hooks import AppWritesAccessLog, MasterHooks  # noqa: E402
+from logging_conf.gunicorn_logger import AppWritesAccessLog  # noqa: E402
+from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
 
 wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")
@@ -78,8 +79,7 @@ logger_class = AppWritesAccessLog
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 if not _reloading:
     _master.hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
-                                version=_settings.version,
-                                pool_capacity=_settings.pool_size + _settings.max_overflow)
+                                version=_settings.version)
     _master.pid = os.getpid()
 _hooks = _master.hooks
 on_starting = _hooks.on_starting

@@ -59,10 +59,9 @@ def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "
             "alembic": {"level": "INFO", "handlers": [], "propagate": True},
             "alembic.runtime.plugins": {"level": "WARNING", "handlers": [], "propagate": True},
             "pgserver": {"level": "WARNING", "handlers": [], "propagate": True},
-            # SQLAlchemy names pool loggers after the pool class; dispose/recreate chatter is noise.
+            # SQLAlchemy names pool loggers after the pool class, ours included (its
+            # _sqla_logger_namespace is under "sqlalchemy"); dispose/recreate chatter is noise.
             "sqlalchemy": {"level": "WARNING", "handlers": [], "propagate": True},
-            "service.observability.metrics.InstrumentedQueuePool": {"level": "WARNING", "handlers": [],
-                                                                    "propagate": True},
         },
     }
 

@@ -7,38 +7,17 @@ remote address) is attached to every line written while a request is being serve
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 
 from flask import g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
+from logging_conf.redaction import redact
+
 FIELDS = "%(levelname)s %(name)s %(message)s %(process)d"
 RENAMES = {"levelname": "level", "name": "logger", "process": "pid"}
 
-# Defence in depth: nothing logs bodies or headers, but an exception message or a third-party
-# logger might still carry a credential. These are removed from the finished line.
-_REDACTIONS = (
-    (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]+"), "[REDACTED-JWT]"),
-    (re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"), r"\1[REDACTED]"),
-    # key = value / "key": "value", also inside an already JSON-escaped string (\\")
-    (re.compile(r"(?i)((?:password|passwd|secret|token|authorization)(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
-                r"[^\"'\\,\s}&]+"),
-     r"\1[REDACTED]"),
-)
 _CACHE_ATTR = "_flaskapi_json_line"
-
-
-_TRIGGERS = ("eyj", "bearer", "pass", "secret", "token", "authoriz")
-
-
-def redact(text: str) -> str:
-    lowered = text.lower()
-    if not any(trigger in lowered for trigger in _TRIGGERS):
-        return text  # the common case (an access line): one cheap scan instead of three regexes
-    for pattern, replacement in _REDACTIONS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 class JsonFormatter(_JsonFormatter):

@@ -30,7 +30,9 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_extensions(app, settings)
     register_observability(app, settings)
     register_blueprints(app, settings)
+    register_request_guards(app)
     register_errorhandlers(app)
+    register_openapi(app)
     register_commands(app)
     trust_proxies(app, settings)
     return app
@@ -52,7 +54,7 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
-    from service.books.views import PAGE_MAX
+    from service.books.schemas import PAGE_MAX
     from service.database import engine_options
     from service.errors import ERROR_SCHEMA
 
@@ -118,12 +120,25 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
                 "docs": "/docs", "openapi": "/openapi.json"}
 
 
+def register_request_guards(app: APIFlask) -> None:
+    """Checks that refuse a request before any view runs (a body that is not JSON). After the
+    observability hooks (register_observability), which must see every request."""
+    from service.guards import require_json_body
+
+    app.before_request(require_json_body)
+
+
 def register_errorhandlers(app: APIFlask) -> None:
-    from service.books.views import MAX_ID
     from service.errors import register_error_handlers
-    from service.openapi import register_spec_processor
 
     register_error_handlers(app)
+
+
+def register_openapi(app: APIFlask) -> None:
+    """Corrections to the generated OpenAPI document (service/openapi.py)."""
+    from service.models import MAX_ID
+    from service.openapi import register_spec_processor
+
     register_spec_processor(app, max_id=MAX_ID)
 
 
@@ -136,8 +151,8 @@ def register_commands(app: APIFlask) -> None:
 
 def register_observability(app: APIFlask, settings: Settings) -> None:
     """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is).
-    Before the error handlers' hooks: a request they answer early (a body that is not JSON)
-    is still timed by the exporter's before_request."""
+    Before the request guards' hooks: a request they refuse (a body that is not JSON) is still
+    timed by the exporter's before_request."""
     from service.observability import metrics, sentry
 
     metrics.init_app(app, settings)

@@ -19,13 +19,12 @@ import time
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import QueuePool
 
 from service.settings import Settings
 
 
 def engine_options(settings: Settings) -> dict:
-    from service.observability import metrics
+    from service.observability import pool_metrics
 
     return {
         "pool_size": settings.pool_size,
@@ -34,7 +33,7 @@ def engine_options(settings: Settings) -> dict:
         "pool_recycle": settings.pool_recycle,
         "pool_pre_ping": False,  # see ping_idle_connections
         "isolation_level": "AUTOCOMMIT",
-        "poolclass": metrics.InstrumentedQueuePool if metrics.enabled(settings) else QueuePool,
+        "poolclass": pool_metrics.pool_class(settings),
         "connect_args": {
             "connect_timeout": settings.db_connect_timeout,
             "application_name": "flaskapi-observability",

@@ -35,7 +35,6 @@ CODES = {
     500: "internal_error",
     503: "service_unavailable",
 }
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # The OpenAPI description of the shape, so generated clients and schema fuzzers know it.
 ERROR_SCHEMA = {
@@ -103,22 +102,6 @@ def _from_http_error(error: HTTPError) -> Response:
                           details=error.detail, headers=headers)
 
 
-def require_json_body() -> Response | None:
-    """Refuse bodies that are not JSON before any view runs, so nothing half-parsed is written."""
-    if request.method not in BODY_METHODS or request.url_rule is None:
-        return None
-    if request.mimetype != "application/json":
-        return error_response(415, "Content-Type must be application/json",
-                              details={"content_type": request.mimetype or None})
-    try:
-        request.get_json()
-    except Exception as exc:  # werkzeug's BadRequest for undecodable JSON, or 413 for huge bodies
-        if getattr(exc, "code", None) == 413:
-            raise
-        return error_response(400, "Request body is not valid JSON")
-    return None
-
-
 def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
     timeout = current_app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_timeout"]
     waited = time.perf_counter() - g.get("request_started", time.perf_counter())
@@ -150,7 +133,6 @@ def _unexpected(exc: Exception) -> Response:
 
 def register_error_handlers(app: APIFlask) -> None:
     app.error_processor(_from_http_error)
-    app.before_request(require_json_body)
     app.register_error_handler(sa_exc.TimeoutError, _pool_timeout)
     app.register_error_handler(sa_exc.OperationalError, _database_unavailable)
     app.register_error_handler(sa_exc.InterfaceError, _database_unavailable)

@@ -11,6 +11,7 @@ from service.extensions import db
 EMAIL_MAX = 254
 TITLE_MAX = 200
 AUTHOR_MAX = 200
+MAX_ID = 2**63 - 1  # ids are Postgres bigint: larger ones cannot exist, so they are 404 not a driver error
 
 
 class User(db.Model):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import sentry_sdk
 
-from service.observability import sentry as sentry_module
-from service.observability.sentry import scrub
+from service.observability import sentry_rate_limit
+from service.observability.sentry import before_send, scrub
 from tests.sentry_receiver import SentryReceiver
 from bench.stack import run_command
 
@@ -113,13 +113,13 @@ def test_auth_bodies_never_leave_and_sensitive_keys_are_filtered():
 
 
 def test_degraded_reports_are_rate_limited_per_kind(monkeypatch):
-    monkeypatch.setattr(sentry_module, "_last_sent", {})
+    monkeypatch.setattr(sentry_rate_limit, "_last_sent", {})
     # The limiter's clock, pinned: the verdict cannot depend on how long the calls take.
-    monkeypatch.setattr(sentry_module, "time", SimpleNamespace(monotonic=lambda: 1000.0))
-    first = scrub({"message": "pool", "extra": {"event": "db_pool_timeout"}})
-    second = scrub({"message": "pool", "extra": {"event": "db_pool_timeout"}})
-    other = scrub({"message": "crash", "extra": {"event": "worker_died"}})
-    again = scrub({"message": "crash", "extra": {"event": "worker_died"}})
+    monkeypatch.setattr(sentry_rate_limit, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    first = before_send({"message": "pool", "extra": {"event": "db_pool_timeout"}})
+    second = before_send({"message": "pool", "extra": {"event": "db_pool_timeout"}})
+    other = before_send({"message": "crash", "extra": {"event": "worker_died"}})
+    again = before_send({"message": "crash", "extra": {"event": "worker_died"}})
     assert first is not None and second is None
     assert other is not None and again is not None  # worker deaths are never dropped
 

@@ -1,23 +1,19 @@
 """`/books`: list (keyset pages), read, create, replace/patch and delete (owner only)."""
 from __future__ import annotations
 
-from apiflask import APIBlueprint, Schema
-from apiflask.fields import DateTime, Integer, List, Nested, String
+from apiflask import APIBlueprint
 from flask import Response, current_app, jsonify, url_for
 from flask_jwt_extended import get_jwt_identity, jwt_required
-from marshmallow import RAISE, validate
+from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
 from werkzeug.routing import BaseConverter
 
 from service.books import queries
+from service.books.schemas import BookIn, BookOut, BookPage, BookPatch, PageQuery
 from service.errors import APIError
-from service.models import AUTHOR_MAX, TITLE_MAX
-from service.schemas import text
+from service.models import MAX_ID
 
 bp = APIBlueprint("books", __name__, url_prefix="/books", tag="Books")
-
-MAX_ID = 2**63 - 1  # Postgres bigint: larger ids cannot exist, so they are 404 not a driver error
-PAGE_MAX = 100
 
 
 class BookIdConverter(BaseConverter):
@@ -43,43 +39,6 @@ bp.record_once(lambda state: state.app.url_map.converters.setdefault("book_id", 
 BOOK_ID = "<book_id:book_id>"
 AUTH_DOC = {"security": "BearerAuth"}
 OWNER_ONLY = {403: "Not the book's owner", 404: "No such book"}
-
-
-class BookIn(Schema):
-    title = text(min_length=1, max_length=TITLE_MAX, required=True, metadata={"example": "Dune"})
-    author = text(min_length=1, max_length=AUTHOR_MAX, allow_none=True, load_default=None,
-                  metadata={"example": "Frank Herbert"})
-
-
-class BookPatch(Schema):
-    title = text(min_length=1, max_length=TITLE_MAX)
-    author = text(min_length=1, max_length=AUTHOR_MAX, allow_none=True)
-
-
-class BookOut(Schema):
-    id = Integer(required=True)
-    title = String(required=True)
-    author = String(allow_none=True)
-    owner_id = Integer(required=True)
-    created_at = DateTime(required=True)
-    updated_at = DateTime(required=True)
-
-
-class PageQuery(Schema):
-    limit = Integer(validate=validate.Range(min=1, max=PAGE_MAX),
-                    metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE)"})
-    cursor = Integer(validate=validate.Range(min=1, max=MAX_ID),
-                     metadata={"description": "the next_cursor of the previous page"})
-
-
-class PagedBook(BookOut):
-    """BookOut inside a page (its own class so the OpenAPI generator names it only once)."""
-
-
-class BookPage(Schema):
-    items = List(Nested(PagedBook), required=True)
-    next_cursor = Integer(allow_none=True, required=True,
-                          metadata={"description": "pass as ?cursor= for the next page; null on the last"})
 
 
 def _current_user_id() -> int:

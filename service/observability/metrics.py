@@ -1,8 +1,9 @@
-"""Prometheus metrics recorded by each worker: HTTP (prometheus-flask-exporter) and the DB pool.
+"""Prometheus metrics recorded by each worker: HTTP (prometheus-flask-exporter), requests in
+flight and, through pool_metrics.py, the DB pool.
 
 prometheus_client runs in multiprocess mode: every worker writes its samples to files in
 PROMETHEUS_MULTIPROC_DIR and the gunicorn master serves them merged on METRICS_BIND
-(gunicorn_hooks.py), so values are summed across workers and the public port never exposes
+(master_metrics.py), so values are summed across workers and the public port never exposes
 them. PROMETHEUS_MULTIPROC_DIR must be set before Python starts (the launcher wipes it);
 without it, as under `flask run` or in-process tests, recording is off.
 """
@@ -14,19 +15,13 @@ import threading
 import time
 
 from flask import Flask
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.pool import QueuePool
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger(__name__)
 
 # 5 ms .. 30 s: fast reads, argon2 logins (~50-100 ms) and the lesson's 30 s stalls all resolve.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
                    1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
-POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                     1.0, 2.5, 5.0, 10.0, 30.0)
 
 # registry=None: in multiprocess mode samples go to files whatever the registry, and module-level
 # metrics must not be registered twice when tests build several apps in one process.
@@ -37,44 +32,16 @@ IN_PROGRESS = Gauge("flask_http_requests_in_progress", "Requests being served (s
 # route, type and stack are in the error log line and the Sentry event.
 UNHANDLED = Counter("flaskapi_http_unhandled_exceptions_total",
                     "Requests answered 500 because of an unexpected exception", registry=None)
-POOL_CAPACITY = Gauge("flaskapi_db_pool_capacity", "Connections the pools may open (size + overflow)",
-                      registry=None, multiprocess_mode="livesum")
-POOL_CHECKED_OUT = Gauge("flaskapi_db_pool_checked_out", "Connections lent to requests (sampled every second)",
-                         registry=None, multiprocess_mode="livesum")
-POOL_OVERFLOW = Gauge("flaskapi_db_pool_overflow_in_use",
-                      "Connections open beyond the pool size (sampled every second)", registry=None, multiprocess_mode="livesum")
-POOL_WAIT = Histogram("flaskapi_db_pool_wait_seconds", "Time to obtain a pooled connection",
-                      registry=None, buckets=POOL_WAIT_BUCKETS)
-POOL_TIMEOUTS = Counter("flaskapi_db_pool_checkout_timeouts_total",
-                        "Requests that found no free connection within DB_POOL_TIMEOUT", registry=None)
-POOL_INVALIDATED = Counter("flaskapi_db_pool_connections_invalidated_total",
-                           "Connections dropped as broken (database restart, network)", registry=None)
 
 
 SAMPLE_SECONDS = 1.0
 _serving: set[int] = set()  # ids of the threads serving a request now
-_engines: list[Engine] = []
 
 
 def enabled(settings) -> bool:
     """The one switch: METRICS_ENABLED and a multiprocess directory, which the launcher sets
     before Python starts (absent under `flask run`, the CLI and in-process tests)."""
     return settings.metrics_enabled and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
-class InstrumentedQueuePool(QueuePool):
-    """QueuePool that times every checkout and counts the ones that time out."""
-
-    def connect(self):  # noqa: D102 (QueuePool's public API)
-        started = time.perf_counter()
-        try:
-            connection = super().connect()
-        except PoolTimeout:
-            POOL_TIMEOUTS.inc()
-            raise
-        finally:
-            POOL_WAIT.observe(time.perf_counter() - started)
-        return connection
 
 
 def route(req) -> str:
@@ -103,16 +70,19 @@ def init_app(app: Flask, settings) -> None:
         _serving.discard(threading.get_ident())
 
     from service.extensions import db
+    from service.observability import pool_metrics
 
     with app.app_context():
-        _instrument_engine(db.engine)
+        pool_metrics.instrument(db.engine, settings)
 
 
-def worker_started(capacity: int) -> None:
+def worker_started() -> None:
     """In each worker right after the fork (gunicorn's post_fork): its pool's capacity counts
     from the start, and the sampler starts. Never in the master, whose files would count as
     one more live process. Called only when the master serves metrics (gunicorn_hooks.py)."""
-    POOL_CAPACITY.set(capacity)
+    from service.observability import pool_metrics
+
+    pool_metrics.worker_started()
     threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
 
@@ -121,20 +91,10 @@ def _sample_forever() -> None:
     are read here once every SAMPLE_SECONDS instead of written on every change: a gauge is only
     ever seen at scrape time anyway, and writing each change to the multiprocess files costs
     four writes under one process-wide lock per request (~15 us, measured)."""
+    from service.observability import pool_metrics
+
     while True:
         IN_PROGRESS.set(len(_serving))
-        # The pool's own counts, not inc/dec: a checkout that fails half-way still checks in.
-        pools = [engine.pool for engine in _engines]
-        POOL_CHECKED_OUT.set(sum(pool.checkedout() for pool in pools))
-        POOL_OVERFLOW.set(sum(max(0, pool.overflow()) for pool in pools))
+        pool_metrics.sample()
         time.sleep(SAMPLE_SECONDS)
 
-
-def _instrument_engine(engine: Engine) -> None:
-    """Pool gauges (sampled) and counters (SQLAlchemy's pool events) for `engine`; its checkout
-    waits and timeouts come from InstrumentedQueuePool (service/database.py picks it)."""
-    _engines.append(engine)
-
-    @event.listens_for(engine, "invalidate")
-    def _invalidated(dbapi_connection, record, exception) -> None:
-        POOL_INVALIDATED.inc()

@@ -14,17 +14,16 @@ Two modes, chosen by SENTRY_TRACES_SAMPLE_RATE:
 What becomes an event: every log record at WARNING or above (the logging integration), so the
 log line and the Sentry event are the same fact with the same request id. The access log and
 gunicorn's own error log are left out: the first would double every 5xx, and worker deaths are
-reported by our master hook with structured tags instead (gunicorn_hooks.py).
+reported by the master with structured tags instead (worker_exits.py).
 
 Nothing secret leaves the process: `scrub` runs on every event and drops cookies, auth headers,
-auth-route bodies, and any value under a sensitive key or that looks like a token.
+auth-route bodies, and any value under a sensitive key or that looks like a token (the rules are
+logging_conf/redaction.py, shared with the log lines). `before_send` then drops repeated
+degraded-mode reports (sentry_rate_limit.py).
 """
 from __future__ import annotations
 
 import logging
-import re
-import threading
-import time
 from typing import Any
 
 import sentry_sdk
@@ -33,25 +32,20 @@ from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
-from logging_conf.formatter import redact
+from logging_conf.redaction import scrub_value
+from service.observability import sentry_rate_limit
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SENSITIVE_KEY = re.compile(r"(?i)pass(word|wd)?|secret|token|authorization|cookie|session|jwt|api[-_]?key")
-FILTERED = "[Filtered]"
-# The same degraded-mode message from one process is sent once a minute at most: under a load
-# test a pool timeout can happen thousands of times, and one event says it all.
-RATE_LIMIT_SECONDS = 60.0
-RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout"})
-_last_sent: dict[str, float] = {}
-_rate_lock = threading.Lock()
+_request_context_registered = False  # per process; a forked worker inherits it with the scope
 
 
 def init(settings: Settings) -> bool:
     """Initialise once per process tree (the master, with preload; workers inherit it)."""
     if not settings.sentry_dsn:
         return False
+    _register_request_context()
     client = sentry_sdk.get_client()
     if client.is_active() and client.dsn == settings.sentry_dsn:
         return True  # already set up in this process (the app factory ran twice)
@@ -75,8 +69,8 @@ def init(settings: Settings) -> bool:
         # SQLAlchemy's adds only a breadcrumb per query (~85 us a request, measured) and
         # Flask's is replaced by `_request_context`.
         disabled_integrations=[] if tracing else [FlaskIntegration, SqlalchemyIntegration],
-        before_send=scrub,
-        before_send_transaction=scrub,
+        before_send=before_send,
+        before_send_transaction=scrub,  # a transaction is never a degraded-mode report
     )
     ignore_logger("service.access")
     ignore_logger("gunicorn.error")
@@ -94,7 +88,7 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
     """The request id, and without tracing the request data the Flask integration would
-    attach, read when an event is captured (registered once per process, below).
+    attach, read when an event is captured (registered once per process, by `init`).
 
     Events are captured on the thread serving the request, so `request` is that request.
     Headers go out as sent; `scrub` filters the sensitive ones. Bodies are never attached.
@@ -114,8 +108,13 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     return event
 
 
-# The global scope outlives every sentry_sdk.init in the process: one registration serves all.
-sentry_sdk.get_global_scope().add_event_processor(_request_context)
+def _register_request_context() -> None:
+    """The global scope outlives every sentry_sdk.init in the process (and is copied into the
+    workers forked from a preloaded master): one registration serves all."""
+    global _request_context_registered
+    if not _request_context_registered:
+        sentry_sdk.get_global_scope().add_event_processor(_request_context)
+        _request_context_registered = True
 
 
 def flush(timeout: float = 2.0) -> None:
@@ -124,38 +123,18 @@ def flush(timeout: float = 2.0) -> None:
         sentry_sdk.flush(timeout)
 
 
-def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def before_send(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Every error event: scrubbed, then dropped if it repeats a degraded-mode report."""
+    event = scrub(event, hint)
+    return None if sentry_rate_limit.rate_limited(event) else event
+
+
+def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`event` without cookies, auth-route bodies, values under sensitive keys or token-like text."""
     request = event.get("request")
     if isinstance(request, dict):
         request.pop("cookies", None)
         url = str(request.get("url", ""))
         if "/auth/" in url:
             request.pop("data", None)  # credentials live in auth bodies
-    event = _scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
-    return None if _rate_limited(event) else event
-
-
-def _scrub_value(value: Any, key: str = "") -> Any:
-    if key and SENSITIVE_KEY.search(key) and isinstance(value, (str, bytes, int, float)):
-        return FILTERED
-    if isinstance(value, dict):
-        return {k: _scrub_value(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_value(v) for v in value]
-    if isinstance(value, str):
-        return redact(value)
-    return value
-
-
-def _rate_limited(event: dict[str, Any]) -> bool:
-    """Degraded-mode reports (pool exhausted, database down): one per kind per minute."""
-    kind = (event.get("extra") or {}).get("event")
-    if kind not in RATE_LIMITED_EVENTS:
-        return False
-    now = time.monotonic()
-    with _rate_lock:
-        last = _last_sent.get(kind)
-        if last is not None and now - last < RATE_LIMIT_SECONDS:
-            return True
-        _last_sent[kind] = now
-    return False
+    return scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
