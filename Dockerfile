@@ -3,8 +3,8 @@
 #   docker build -t flaskapi-observability .
 #   docker build --target locust -t flaskapi-observability-locust .
 # docker-compose.yml builds both. The image serves with deploy/gunicorn.conf.py, the same file as
-# `make run`, the tests and the systemd unit; settings come from the environment (README
-# "Settings"); production needs DB_URI and JWT_SECRET_KEY.
+# `make run`, the tests and the systemd unit; settings come from the environment
+# (docs/settings.md); production needs DB_URI and JWT_SECRET_KEY.
 
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -48,7 +48,7 @@ wsgi_app = "service:create_app()"
 bind = os.environ.get("BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("WEB_CONCURRENCY") or (os.cpu_count() or 1) + 1)
 threads = _settings.gunicorn_threads
-# gthread by default, chosen by measurement (README, Performance): argon2 releases the GIL, so a
+# gthread by default, chosen by measurement (docs/performance.md): argon2 releases the GIL, so a
 # worker hashing a password still serves other requests from its other threads (books p95 in
 # the 1,000-user ramp: 59-104 ms, against 130-137 ms with 3 or 5 sync workers). The price:
 # more CPU per request (thread hops and GIL contention: 745 against 480 us of worker CPU per

@@ -4,7 +4,7 @@ gunicorn receives it as `logconfig_dict` (deploy/gunicorn.conf.py), so its maste
 log and every worker's application loggers write the same JSON lines through the same handlers:
 stderr (journald, containers) and one rotating file in LOG_DIR.
 
-Why our own handler (logging_conf/handler.py) and not the stdlib's TimedRotatingFileHandler:
+Why our own handler (logging_conf/rotation.py) and not the stdlib's TimedRotatingFileHandler:
 with several worker processes that one is unsafe (each process rotates on its own; one renames
 or deletes the file another is still writing, and lines are lost, as our rotation test showed).
 Ours appends each line with one write(2) and no lock, and coordinates only the rotation itself,
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 FORMATTER = "logging_conf.formatter.JsonFormatter"
-ROTATING_HANDLER = "logging_conf.handler.SharedTimedRotatingFileHandler"
+ROTATING_HANDLER = "logging_conf.rotation.SharedTimedRotatingFileHandler"
 
 _applied: str | None = None
 

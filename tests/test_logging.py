@@ -121,7 +121,7 @@ def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
     import gzip
 
     import logging_conf
-    from logging_conf.handler import SharedTimedRotatingFileHandler
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
 
     options = dict(logging_conf.build(log_dir=tmp_path, when="S", interval=1, gzip=True)["handlers"]["file"])
     assert options.pop("class") == logging_conf.ROTATING_HANDLER
@@ -145,7 +145,7 @@ def test_rotated_files_are_gzipped_one_rotation_later_when_asked(tmp_path):
 
 
 def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
-    from logging_conf.handler import SharedTimedRotatingFileHandler
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
 
     clock = FakeClock()
     handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, backupCount=2,
@@ -165,7 +165,7 @@ def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
 
 
 def test_a_backup_name_that_is_taken_gets_a_counter_instead_of_being_overwritten(tmp_path):
-    from logging_conf.handler import SharedTimedRotatingFileHandler
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
 
     clock = FakeClock()  # never moves: no rotation is due but the ones the test forces
     handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, clock=clock)
@@ -188,7 +188,7 @@ def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn
     import itertools
     import threading
 
-    from logging_conf.handler import SharedTimedRotatingFileHandler
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
 
     threads, per_thread = 8, 3000
     # The clock advances one period every 4,000 reads (at least one read per record): about six
