@@ -47,7 +47,9 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
-from bench.stack import ROOT, free_port, metric, scrape, wait_for
+from bench.harness.environment import ROOT, free_port
+from bench.harness.polling import wait_for
+from bench.harness.scrape import metric, scrape
 from service import devdb
 from service.settings import Settings
 
@@ -313,7 +315,7 @@ def test_app_unit_has_what_the_deployment_relies_on():
     # The unit serves with the very file the test stack and `make run` use.
     assert config == "/opt/flaskapi/app/deploy/gunicorn.conf.py"
     assert (ROOT / Path(config).relative_to("/opt/flaskapi/app")).is_file()
-    assert re.search(r'ROOT\s*/\s*"deploy"\s*/\s*"gunicorn.conf.py"', (ROOT / "bench" / "stack.py").read_text())
+    assert re.search(r'ROOT\s*/\s*"deploy"\s*/\s*"gunicorn.conf.py"', (ROOT / "bench" / "harness" / "gunicorn.py").read_text())
     assert "deploy/gunicorn.conf.py" in (ROOT / "Makefile").read_text()
 
     env = unit_environment(unit)

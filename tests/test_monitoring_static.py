@@ -17,7 +17,8 @@ import requests
 import yaml
 
 from bench import report
-from bench.stack import ROOT, Prometheus
+from bench.harness.environment import ROOT
+from bench.harness.prometheus import Prometheus
 
 MONITORING = ROOT / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
