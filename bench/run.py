@@ -27,7 +27,7 @@ import requests
 from bench.harness.environment import ROOT, free_port, locust_env, stack_env
 from bench.harness.gunicorn import GUNICORN, Gunicorn
 from bench.harness.process import ManagedProcess
-from tests.sentry_receiver import SentryReceiver
+from bench.harness.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
 SHIPPED = None  # the worker count deploy/gunicorn.conf.py chooses (WEB_CONCURRENCY or cores + 1)

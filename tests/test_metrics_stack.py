@@ -14,8 +14,8 @@ from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.scrape import has_metric, metric, reported_worker_pids, scrape
+from bench.harness.sentry_receiver import SentryReceiver
 from tests.conftest import eventually
-from tests.sentry_receiver import SentryReceiver
 
 pytestmark = pytest.mark.stack
 

@@ -11,8 +11,8 @@ import sentry_sdk
 
 from service.observability import sentry as sentry_module
 from service.observability.sentry import scrub
-from tests.sentry_receiver import SentryReceiver
 from bench.harness.commands import run_command
+from bench.harness.sentry_receiver import SentryReceiver
 
 PASSWORD = "hunter2-very-secret"
 TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXBhcnQ"
