@@ -49,6 +49,7 @@ from dotenv import dotenv_values
 
 from bench.harness.environment import ROOT, free_port
 from bench.harness.polling import wait_for
+from bench.harness.process import ManagedProcess
 from bench.harness.scrape import metric, scrape
 from service import devdb
 from service.settings import Settings
@@ -198,41 +199,14 @@ def compose_binary() -> list[str]:
 
 # --- processes ---------------------------------------------------------------------------------
 
-def stop_group(process: subprocess.Popen, timeout: float = 20) -> int:
-    """TERM the process, wait, then KILL its whole group (as systemd's KillMode=mixed)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(5)
-
-
-def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> requests.Response:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited {process.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            response = requests.get(url, timeout=10)
-            if response.status_code == 200:
-                return response
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer 200 within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def worker_pids(master: int) -> set[int]:
-    return {child.pid for child in psutil.Process(master).children()}
+def child_pids(master_pid: int) -> set[int]:
+    """The master's children as the operating system sees them (not as its metrics report them)."""
+    return {child.pid for child in psutil.Process(master_pid).children()}
 
 
 def wait_workers(master: int, count: int, timeout: float = 60) -> set[int]:
     def workers():
-        pids = worker_pids(master)
+        pids = child_pids(master)
         return pids if len(pids) == count else None
 
     return wait_for(workers, f"{count} workers under the master {master}", timeout)
@@ -575,11 +549,11 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(tmp / "notify"))
         notify.settimeout(60)  # a deadline for READY=1, not a wait: it returns when it comes
-        log = tmp_path / "gunicorn.out"
-        with open(log, "wb") as out:
-            master = subprocess.Popen(shlex.split(rewritten_unit(one(app_unit, "Service", "ExecStart"), tmp)),
-                                      cwd=workdir, env={**env, "NOTIFY_SOCKET": str(tmp / "notify")},
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # Stopped as systemd stops it (KillMode=mixed): KillSignal to the master, then the rest.
+        master = ManagedProcess(shlex.split(rewritten_unit(one(app_unit, "Service", "ExecStart"), tmp)),
+                                cwd=workdir, env={**env, "NOTIFY_SOCKET": str(tmp / "notify")},
+                                log_path=tmp_path / "gunicorn.out", name="flaskapi.service's gunicorn",
+                                kill_mode="mixed").start()
         try:
             # Type=notify: gunicorn says READY=1 itself.
             try:
@@ -587,7 +561,7 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             finally:
                 notify.close()
             assert "READY=1" in message
-            assert wait_http(f"http://127.0.0.1:{port}/readyz", master, log).json()["status"] == "ready"
+            assert master.wait_ready(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready"
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             assert scraped(metrics_url, "flaskapi_database_up") == 1
             before = wait_workers(master.pid, 2)
@@ -596,11 +570,11 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             reload = rewritten_unit(one(app_unit, "Service", "ExecReload"), tmp).replace("$MAINPID", str(master.pid))
             run(shlex.split(reload))
             def replaced():
-                pids = worker_pids(master.pid)
+                pids = child_pids(master.pid)
                 return pids if len(pids) == 2 and not pids & before else None
 
             after = wait_for(replaced, f"2 new workers replacing {before}")
-            assert master.poll() is None, log.read_text()[-3000:]
+            assert master.poll() is None, master.output()[-3000:]
             assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
             wait_for(lambda: scraped(metrics_url, "flaskapi_worker_exits_total") >= 2, "the 2 old workers' exits")
             assert scraped(metrics_url, "flaskapi_worker_exits_total") == 2  # old workers, clean exits
@@ -615,10 +589,10 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             # holds on a slow machine: an idle master stops in well under a second, TimeoutStopSec is 30 s.
             assert one(app_unit, "Service", "KillSignal") == "SIGTERM"
             started = time.monotonic()
-            code = stop_group(master, timeout=float(one(app_unit, "Service", "TimeoutStopSec")))
+            code = master.stop(timeout=float(one(app_unit, "Service", "TimeoutStopSec")))
             assert code == 0 and time.monotonic() - started < float(one(app_unit, "Service", "TimeoutStopSec"))
         finally:
-            stop_group(master)
+            master.stop(20)
         app_log = Path(env["LOG_DIR"]) / env["LOG_FILE"]
         assert '"event": "worker_died"' in app_log.read_text()
     finally:
@@ -637,6 +611,20 @@ def nginx_config(tmp: Path, site: str) -> Path:
         f"{user}pid {tmp}/nginx.pid;\nerror_log {tmp}/logs/error.log;\nevents {{}}\n"
         f"http {{\n  {temp_paths}\n  access_log {tmp}/logs/access.log;\n  include {tmp}/site.conf;\n}}\n")
     return tmp / "nginx.conf"
+
+
+class Nginx(ManagedProcess):
+    """nginx in the foreground on a config under `prefix`, stopped as nginx is stopped
+    gracefully: SIGQUIT to the master, which lets its workers finish."""
+
+    name = "nginx"
+    stop_signal = signal.SIGQUIT
+    stop_timeout = 10.0
+    kill_mode = "mixed"
+
+    def __init__(self, prefix: Path, config: Path) -> None:
+        super().__init__([tool("nginx"), "-p", prefix, "-e", prefix / "logs" / "error.log", "-c", config,
+                          "-g", "daemon off;"], log_path=prefix / "nginx.out")
 
 
 def test_nginx_accepts_the_site(tmp_path):
@@ -677,15 +665,13 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
             .replace("listen [::]:80 default_server;", ""))
     assert f"127.0.0.1:{upstream_port}" in site and f"127.0.0.1:{port}" in site
     config = nginx_config(tmp_path, site)
-    nginx = subprocess.Popen([tool("nginx"), "-p", tmp_path, "-e", tmp_path / "logs" / "error.log", "-c", config,
-                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)
+    nginx = Nginx(tmp_path, config).start()
     upstream = None
     try:
         url = f"http://127.0.0.1:{port}"
         # Upstream down: nginx's own 502, in the app's error shape, with a request id.
         def answer():
-            assert nginx.poll() is None, nginx.stderr.read().decode()
+            assert nginx.poll() is None, nginx.output()
             try:  # in a list: a Response is falsy when its status is 4xx/5xx
                 return [requests.get(url + "/books/", timeout=10)]
             except requests.ConnectionError:  # not listening yet
@@ -731,18 +717,12 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
         assert read_timeout > int(env_example_values()["GUNICORN_TIMEOUT"])
         assert "client_max_body_size 64k;" in NGINX_SITE.read_text() and limit == 64 * 1024
         assert "9200" not in re.sub(r"#.*", "", NGINX_SITE.read_text())  # no route to the metrics port
+        assert nginx.stop() == 0, f"nginx did not stop gracefully within {Nginx.stop_timeout}s:\n{nginx.output()}"
     finally:
         if upstream is not None:
             upstream.shutdown()
             upstream.server_close()
-        nginx.send_signal(signal.SIGQUIT)
-        try:
-            nginx.wait(10)
-        finally:
-            if nginx.poll() is None:
-                os.killpg(nginx.pid, signal.SIGKILL)
-                nginx.wait(5)
-            nginx.stderr.close()
+        nginx.stop()
 
 
 # =================================================================================================
@@ -941,17 +921,16 @@ def test_image_cmd_and_healthcheck_serve_like_the_container(app_database, tmp_pa
     assert env["LOG_TO_FILE"] == "0"
     cmd = json.loads(last(app, "CMD"))
     healthcheck = json.loads(last(app, "HEALTHCHECK").split(" CMD ", 1)[1])
-    log = tmp_path / "container.out"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    # Stopped as `docker stop` stops a container: SIGTERM to its main process.
+    container = ManagedProcess(cmd, env=env, log_path=tmp_path / "container.out", name="the image's CMD",
+                               ready_url=f"http://127.0.0.1:{port}/healthz", kill_mode="mixed")
+    container.start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process, log)
         result = run(healthcheck, env=env, timeout=10, check=False)
         assert result.returncode == 0, result.stderr
         assert scraped(f"http://127.0.0.1:{metrics_port}/metrics", "flaskapi_database_up") == 1
         assert not (metrics_dir / "gauge_livesum_999.db").exists()
-        assert stop_group(process) == 0
+        assert container.stop(20) == 0
         assert run(healthcheck, env=env, timeout=10, check=False).returncode != 0
     finally:
-        stop_group(process)
+        container.stop(20)
