@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 from bench import report, run
-from bench.stack import ROOT, Gunicorn, Prometheus, free_port, locust_env, stack_env
+from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.gunicorn import Gunicorn
+from bench.harness.prometheus import Prometheus
 
 
 def migrated_demo_database() -> str:

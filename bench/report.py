@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.stack import ROOT
+from bench.harness.environment import ROOT
 
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "flaskapi.json"
 

@@ -24,8 +24,10 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.stack import GUNICORN, ROOT, Gunicorn, free_port, locust_env, stack_env, stop_process, wait_ready
-from tests.sentry_receiver import SentryReceiver
+from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.gunicorn import GUNICORN, Gunicorn
+from bench.harness.process import ManagedProcess
+from bench.harness.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
 SHIPPED = None  # the worker count deploy/gunicorn.conf.py chooses (WEB_CONCURRENCY or cores + 1)
@@ -70,62 +72,52 @@ def seed(uri: str, books: int) -> None:
 
 
 # --- servers ------------------------------------------------------------------------------
-class Process:
-    """Any other server (flask run, the reference app) on a free port, stopped by PID."""
+class Server(ManagedProcess):
+    """Any other server the bench compares (flask run, the reference app) on a free loopback
+    port, ready when it lists books."""
+
+    ready_timeout = 30.0
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log, "ab")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(self.process, self.url + "/books/", timeout=30, name=" ".join(argv[:4]))
-        except RuntimeError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        stop_process(self.process, 15)
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().__init__(argv, env={**os.environ, **env}, log_path=log, name=" ".join(argv[:4]),
+                         ready_url=self.url + "/books/")
 
 
-def flask_run(uri: str, workdir: Path) -> Process:
+def flask_run(uri: str, workdir: Path) -> Server:
     port = free_port()
-    return Process([PYTHON, "-m", "flask", "run", "--with-threads", "-p", str(port)],
-                   stack_env(uri, workdir, LOG_CONSOLE="0"), workdir / "flask-run.out", port)
+    return Server([PYTHON, "-m", "flask", "run", "--with-threads", "-p", str(port)],
+                  stack_env(uri, workdir, LOG_CONSOLE="0"), workdir / "flask-run.out", port)
 
 
-def reference(uri: str, workdir: Path) -> Process:
+def reference(uri: str, workdir: Path) -> Server:
     port = free_port()
-    return Process([str(GUNICORN), "-w", "3", "-b", f"127.0.0.1:{port}",
-                    "--no-control-socket", "bench.reference_app:app"],
-                   {"DB_URI": uri}, workdir / "reference.out", port)
+    return Server([str(GUNICORN), "-w", "3", "-b", f"127.0.0.1:{port}",
+                   "--no-control-socket", "bench.reference_app:app"],
+                  {"DB_URI": uri}, workdir / "reference.out", port)
 
 
 # --- load ---------------------------------------------------------------------------------
-def watch_generator(process: subprocess.Popen, *, limit: float, name: str) -> tuple[float, float]:
-    """Wait for a load generator to finish, reading its CPU time as it goes (the last reading
-    before it exits); stop it and fail after `limit` seconds. Returns (CPU s, wall s)."""
-    watched = psutil.Process(process.pid)
-    started = time.monotonic()
-    cpu = 0.0
-    while process.poll() is None:
-        try:
-            times = watched.cpu_times()
-            cpu = times.user + times.system
-        except psutil.Error:
-            pass
-        if time.monotonic() - started > limit:
-            stop_process(process, 10)
-            raise RuntimeError(f"{name} overran {limit:.0f}s")
-        time.sleep(0.25)
-    return cpu, time.monotonic() - started
+def watch_generator(generator: ManagedProcess, *, limit: float) -> tuple[float, float]:
+    """Start a load generator and wait for it to finish, reading its CPU time as it goes (the
+    last reading before it exits); stop it and fail after `limit` seconds. Returns (CPU s, wall s)."""
+    generator.start()
+    try:
+        watched = psutil.Process(generator.pid)
+        started = time.monotonic()
+        cpu = 0.0
+        while generator.poll() is None:
+            try:
+                times = watched.cpu_times()
+                cpu = times.user + times.system
+            except psutil.Error:
+                pass
+            if time.monotonic() - started > limit:
+                raise RuntimeError(f"{generator.name} overran {limit:.0f}s")
+            time.sleep(0.25)
+        return cpu, time.monotonic() - started
+    finally:
+        generator.stop(10)  # only returns its status once it has exited; else stops it (overrun, ^C)
 
 
 def locust(host: str, user: str, *, users: int, rate: float, seconds: float, workdir: Path, tag: str) -> dict:
@@ -135,8 +127,8 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
             "-r", str(rate), "-t", f"{int(seconds)}s", "--host", host, "--csv", str(workdir / tag),
             "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5", "--loglevel", "WARNING"]
     env = locust_env(BENCH_RECORDS=str(records), LOCUST_METRICS_BIND="off")
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cpu, elapsed = watch_generator(process, limit=seconds + 90, name=f"locust {user}")
+    generator = ManagedProcess(argv, env=env, log_path=workdir / f"{tag}-locust.out", name=f"locust {user}")
+    cpu, elapsed = watch_generator(generator, limit=seconds + 90)
     data = [tuple(r) for r in json.loads(records.read_text())] if records.exists() else []
     ok = [r for r in data if r[3]]
     return {"requests": len(data), "failures": len(data) - len(ok),
@@ -158,14 +150,12 @@ def wrk(url: str, *, seconds: float, workdir: Path, tag: str, token: str | None 
     argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
     if token is not None:
         argv += ["-s", str(WRK_CREATE)]
-    process = subprocess.Popen(argv + [url.rstrip("/") + "/books/"], cwd=ROOT, text=True,
-                               env={**os.environ, "WRK_TOKEN": token or ""},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    cpu, elapsed = watch_generator(process, limit=seconds + 30, name=f"wrk {tag}")
-    with process.stdout:
-        output = process.stdout.read()
-    (workdir / f"{tag}-wrk.txt").write_text(output)
-    return parse_wrk(output) | {"cpu_s": cpu, "generator_cpu_pct": round(100 * cpu / elapsed, 1)}
+    log = workdir / f"{tag}-wrk.txt"
+    log.unlink(missing_ok=True)  # the log is appended to: a rerun into the same folder starts afresh
+    generator = ManagedProcess(argv + [url.rstrip("/") + "/books/"], env={**os.environ, "WRK_TOKEN": token or ""},
+                               log_path=log, name=f"wrk {tag}")
+    cpu, elapsed = watch_generator(generator, limit=seconds + 30)
+    return parse_wrk(generator.output()) | {"cpu_s": cpu, "generator_cpu_pct": round(100 * cpu / elapsed, 1)}
 
 
 def parse_wrk(output: str) -> dict:

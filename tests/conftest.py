@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import text
 
 from service import create_app, devdb
 from service.extensions import db
+from tests.deploy_files import DB_PASSWORD, create_db, role_uri
 
 # Low hashing cost keeps the suite fast; the production cost is exercised by the stack tests.
 FAST_HASHING = {"PASSWORD_HASH_TIME_COST": "1", "PASSWORD_HASH_MEMORY_KIB": "1024"}
@@ -49,6 +51,16 @@ def migrated_database(postgres, tmp_path_factory):
 def database_uri(migrated_database):
     """The migrated database of the in-process tests."""
     return migrated_database("test_api")
+
+
+@pytest.fixture(scope="module")
+def app_database(postgres):
+    """A fresh database made by deploy/postgres/create_db.sql on the session's Postgres, as the
+    deploy tests use it: (name, URI of the role it makes)."""
+    name = f"deploy_{uuid.uuid4().hex[:8]}"
+    output = create_db(postgres, name, DB_PASSWORD)
+    assert f'database "{name}" are ready' in output
+    return name, role_uri(postgres, name)
 
 
 

@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from bench import run
-from bench.stack import Gunicorn, stack_env
+from bench.harness.environment import stack_env
+from bench.harness.gunicorn import Gunicorn
 
 pytestmark = pytest.mark.stack
 

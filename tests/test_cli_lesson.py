@@ -20,7 +20,10 @@ from sqlalchemy import create_engine, inspect, text
 
 from service import devdb
 
-from bench.stack import ROOT, free_port, run_command, stop_process, wait_for
+from bench.harness.commands import run_command
+from bench.harness.environment import free_port
+from bench.harness.polling import wait_for
+from bench.harness.process import ManagedProcess
 
 pytestmark = pytest.mark.stack
 
@@ -106,28 +109,25 @@ def test_flask_run_serves_books(cli_env, tmp_path):
     ok(flask(cli_env, "db", "upgrade"))  # idempotent: the order of tests does not matter
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "flask-run.out"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT, env=cli_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ManagedProcess([sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
+                            env=cli_env, log_path=tmp_path / "flask-run.out", name="flask run").start()
 
-        def answer():
-            assert process.poll() is None, f"flask run exited {process.returncode}"
-            try:  # in a list: a Response is falsy when its status is 4xx/5xx
-                return [requests.get(url + "/books/", timeout=30)]
-            except requests.ConnectionError:  # not listening yet
-                return None
+    def answer():
+        assert server.poll() is None, f"flask run exited {server.poll()}"
+        try:  # in a list: a Response is falsy when its status is 4xx/5xx
+            return [requests.get(url + "/books/", timeout=30)]
+        except requests.ConnectionError:  # not listening yet
+            return None
 
+    try:
         try:
-            try:
-                [response] = wait_for(answer, f"flask run to answer on {url}")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-3000:]}") from None
-            assert response.status_code == 200, response.text
-            assert response.headers["Content-Type"].startswith("application/json")
-            assert response.json() == {"items": [], "next_cursor": None}  # fresh tables
-        finally:
-            stop_process(process, 10)
+            [response] = wait_for(answer, f"flask run to answer on {url}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{server.output()[-3000:]}") from None
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert response.json() == {"items": [], "next_cursor": None}  # fresh tables
+    finally:
+        server.stop(10)
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/books/", timeout=2)

@@ -33,7 +33,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from service import devdb
-from bench.stack import Gunicorn, has_metric, metric, run_command, scrape, stack_env, worker_pids
+from bench.harness.commands import run_command
+from bench.harness.environment import stack_env
+from bench.harness.gunicorn import Gunicorn
+from bench.harness.scrape import has_metric, metric, reported_worker_pids, scrape
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.stack
@@ -97,7 +100,7 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
         # Warm up: the worker opens its single pooled connection.
         assert requests.get(stack.url + "/books/", timeout=10).status_code == 200
         before = scrape(stack.metrics_url)
-        pids_before = worker_pids(before)
+        pids_before = reported_worker_pids(before)
         assert len(pids_before) == 1, before
         assert has_metric(before, "flaskapi_db_pool_checkout_timeouts_total")
         timeouts_before = metric(before, "flaskapi_db_pool_checkout_timeouts_total")
@@ -199,7 +202,7 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
         final = scrape(stack.metrics_url)
         assert metric(final, "flaskapi_db_pool_checkout_timeouts_total") - timeouts_before == len(refused)
         assert eventually(lambda: metric(scrape(stack.metrics_url), "flaskapi_db_pool_checked_out"), 0) == 0
-        assert worker_pids(final) == pids_before, "the worker was restarted"
+        assert reported_worker_pids(final) == pids_before, "the worker was restarted"
         assert metric(final, "flaskapi_worker_restarts_total") == 0
         assert metric(final, "flaskapi_worker_exits_total") == 0
         access_pids = {r["pid"] for r in log_records(tmp_path / "logs") if r.get("event") == "access"}
@@ -327,7 +330,7 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
     with Gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.out") as stack:
         auth = login(stack, "outage@example.com")
         healthy = scrape(stack.metrics_url)
-        pids_before = worker_pids(healthy)
+        pids_before = reported_worker_pids(healthy)
         assert len(pids_before) == 2, healthy
         assert metric(healthy, "flaskapi_database_up") == 1
         assert requests.get(stack.url + "/readyz", timeout=10).status_code == 200
@@ -384,7 +387,7 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
         assert metric(recovered, "flaskapi_database_up") == 1
         assert has_metric(recovered, "flaskapi_worker_restarts_total")
         assert metric(recovered, "flaskapi_worker_restarts_total") == 0
-        assert worker_pids(recovered) == pids_before, "a worker was restarted"
+        assert reported_worker_pids(recovered) == pids_before, "a worker was restarted"
         assert metric(recovered, "flaskapi_workers_alive") == 2
         assert metric(recovered, "flaskapi_db_pool_connections_invalidated_total") >= 1
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bench.stack import wait_for
+from bench.harness.polling import wait_for
 
 from logging_conf.formatter import JsonFormatter
 from service.observability.metrics import UNHANDLED

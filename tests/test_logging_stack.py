@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.stack import Gunicorn, stack_env
+from bench.harness.environment import stack_env
+from bench.harness.gunicorn import Gunicorn
 
 pytestmark = pytest.mark.stack
 

@@ -10,9 +10,12 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from bench.stack import Gunicorn, has_metric, metric, scrape, stack_env, wait_for, worker_pids
+from bench.harness.environment import stack_env
+from bench.harness.gunicorn import Gunicorn
+from bench.harness.polling import wait_for
+from bench.harness.scrape import has_metric, metric, reported_worker_pids, scrape
+from bench.harness.sentry_receiver import SentryReceiver
 from tests.conftest import eventually
-from tests.sentry_receiver import SentryReceiver
 
 pytestmark = pytest.mark.stack
 
@@ -44,7 +47,7 @@ def test_series_are_present_and_move_with_requests(stack):
     assert metric(before, "flaskapi_build_info", version="0.1.0", workers=str(WORKERS)) == 1
     assert metric(before, "flaskapi_workers_alive") == WORKERS
     assert metric(before, "flaskapi_database_up") == 1
-    assert len(worker_pids(before)) == WORKERS
+    assert len(reported_worker_pids(before)) == WORKERS
 
     n = 60
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -65,8 +68,8 @@ def test_series_are_present_and_move_with_requests(stack):
         assert eventually(lambda: metric(scrape(stack.metrics_url), gauge), 0) == 0, gauge
     buckets = {labels["le"] for name, labels, _ in after if name == "flask_http_request_duration_seconds_bucket"}
     assert {"0.005", "30.0"} <= buckets
-    assert len(worker_pids(after)) == WORKERS
-    for pid in worker_pids(after):
+    assert len(reported_worker_pids(after)) == WORKERS
+    for pid in reported_worker_pids(after):
         assert metric(after, "flaskapi_process_resident_memory_bytes", pid=str(pid), role="worker") > 10e6
         assert metric(after, "flaskapi_process_cpu_seconds_total", pid=str(pid), role="worker") > 0
 
@@ -166,7 +169,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     assert len(deaths) >= crashes and len(requested) >= crashes
     crashed = {r["pid"] for r in requested}
     assert {d["worker_pid"] for d in deaths} >= crashed
-    assert len(worker_pids(after)) == WORKERS and not crashed & worker_pids(after)
+    assert len(reported_worker_pids(after)) == WORKERS and not crashed & reported_worker_pids(after)
     assert all(r["request_id"] for r in requested)
 
     # Sentry: one event from each dying worker (with its request id) and one from the master.
@@ -185,14 +188,14 @@ def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
     import signal
 
     before = scrape(stack.metrics_url)
-    victim = sorted(worker_pids(before))[0]
+    victim = sorted(reported_worker_pids(before))[0]
     os.kill(victim, signal.SIGKILL)
 
     def replaced():
         # Not just "gone from the pids": a killed worker is a zombie (no memory series) until
         # the master reaps it, and only then is its exit counted and a replacement forked.
         after = scrape(stack.metrics_url)
-        if (victim not in worker_pids(after) and metric(after, "flaskapi_workers_alive") == WORKERS
+        if (victim not in reported_worker_pids(after) and metric(after, "flaskapi_workers_alive") == WORKERS
                 and metric(after, "flaskapi_worker_exits_total") > metric(before, "flaskapi_worker_exits_total")):
             return after
         return None

@@ -12,7 +12,11 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bench import report
-from bench.stack import Gunicorn, Prometheus, ROOT, free_port, locust_env, metric, scrape, stack_env, wait_for
+from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.gunicorn import Gunicorn
+from bench.harness.polling import wait_for
+from bench.harness.prometheus import Prometheus
+from bench.harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.stack
 

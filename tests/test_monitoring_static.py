@@ -17,7 +17,8 @@ import requests
 import yaml
 
 from bench import report
-from bench.stack import ROOT, Prometheus
+from bench.harness.environment import ROOT
+from bench.harness.prometheus import Prometheus
 
 MONITORING = ROOT / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
@@ -115,7 +116,7 @@ def test_every_alert_is_documented():
         annotations = rule.get("annotations", {})
         for key in ("summary", "description", "runbook"):
             assert annotations.get(key, "").strip(), f"{name} has no {key}"
-        assert "README" in annotations["runbook"], f"{name}: the runbook should point at the README"
+        assert "docs/" in annotations["runbook"], f"{name}: the runbook should point at a docs/ page"
 
 
 def test_every_alert_has_a_firing_and_a_silent_unit_test():

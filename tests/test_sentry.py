@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import sentry_sdk
 
+from bench.harness.commands import run_command
+from bench.harness.sentry_receiver import SentryReceiver
 from service.observability import sentry_rate_limit
 from service.observability.sentry import before_send, scrub
-from tests.sentry_receiver import SentryReceiver
-from bench.stack import run_command
 
 PASSWORD = "hunter2-very-secret"
 TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.c2lnbmF0dXJlLXBhcnQ"
@@ -58,32 +58,14 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
 
 # sentry-sdk installs an integration once per process, and never after it was disabled there:
 # the tracing mode (Flask and SQLAlchemy integrations on) is checked in a process of its own.
-TRACING_APP = """
-import os, sentry_sdk
-from service import create_app
-from tests.conftest import base_config
-app = create_app(base_config(os.environ["TEST_DB_URI"], __import__("pathlib").Path(os.environ["TEST_TMP"]),
-                             SENTRY_DSN=os.environ["TEST_DSN"], SENTRY_TRACES_SAMPLE_RATE="1"))
-
-@app.post("/explode")
-def explode():
-    from sqlalchemy import text
-    from service.extensions import db
-    db.session.execute(text("SELECT 1"))  # a query span for the SQLAlchemy integration
-    raise RuntimeError("kaboom with tracing")
-
-response = app.test_client().post("/explode", json={"title": "t"},
-                                  headers={"X-Request-ID": "traced-req", "Authorization": "Bearer %s"})
-assert response.status_code == 500, response.status_code
-sentry_sdk.flush(60)  # the process exits next: whatever is still queued then is lost
-"""
+TRACING_PROGRAM = "tests.programs.sentry_tracing"
 
 
 def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
         database_uri, tmp_path, receiver):
-    result = run_command([sys.executable, "-c", TRACING_APP % TOKEN],
+    result = run_command([sys.executable, "-m", TRACING_PROGRAM],
                          {**os.environ, "TEST_DB_URI": database_uri, "TEST_TMP": str(tmp_path),
-                          "TEST_DSN": receiver.dsn}, timeout=120)
+                          "TEST_DSN": receiver.dsn, "TEST_TOKEN": TOKEN}, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:]
     [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("request_id") == "traced-req")
     assert event["exception"]["values"][-1]["type"] == "RuntimeError"

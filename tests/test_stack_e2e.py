@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,11 @@ from sqlalchemy import create_engine, text
 
 from service import devdb
 
-from bench.stack import GUNICORN, Gunicorn, ROOT, free_port, locust_env, run_command, stop_process, wait_for
+from bench.harness.commands import run_command
+from bench.harness.environment import free_port, locust_env
+from bench.harness.gunicorn import CONFIG, GUNICORN, Gunicorn
+from bench.harness.polling import wait_for
+from bench.harness.process import ManagedProcess
 
 pytestmark = pytest.mark.stack
 
@@ -118,26 +121,23 @@ def test_locust_lesson_load_has_no_failures(stack, stack_db, stack_dir):
             "--csv", str(prefix), "--only-summary"]
     # Its exporter on a free port, not the locustfile's default one.
     env = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{free_port()}")
-    log = stack_dir / "locust.out"
     # No -t: the run lasts until the work checked below is done (longer on a slower machine),
     # then locust is stopped as an operator does, with SIGTERM (it stops its users, then writes
     # its summary and stats).
-    with open(log, "wb") as out:
-        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    locust = ManagedProcess(args, env=env, log_path=stack_dir / "locust.out", name="locust").start()
     try:
         def progressed() -> bool:
-            assert process.poll() is None, f"locust exited {process.returncode}"
+            assert locust.poll() is None, f"locust exited {locust.poll()}"
             return enough_load(locust_stats(stats))
 
         try:
             wait_for(progressed, f"{LOCUST_USERS} users logged in, 100+ requests, PUTs and DELETEs",
                      timeout=180, interval=0.5)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}:\n{log.read_text(errors='replace')[-5000:]}") from None
+            raise AssertionError(f"{exc}:\n{locust.output()[-5000:]}") from None
     finally:
-        code = stop_process(process, 30)
-    output = log.read_text(errors="replace")
+        code = locust.stop(30)
+    output = locust.output()
     assert code == 0, output[-5000:]
 
     by_name = locust_stats(stats)
@@ -208,13 +208,13 @@ def test_lists_docs_and_no_crash_route(stack):
 )
 def test_production_guard_refuses_to_start(setting, values, stack_db, tmp_path):
     port = free_port()
-    metrics_dir = tmp_path / "metrics"  # empty, as a launcher must provide (see stack.Gunicorn)
+    metrics_dir = tmp_path / "metrics"  # empty, as a launcher must provide (see bench.harness.gunicorn)
     metrics_dir.mkdir()
     env = base_env(FLASK_ENV="production", DB_URI=stack_db, BIND=f"127.0.0.1:{port}",
                    METRICS_BIND=f"127.0.0.1:{free_port()}", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
                    WEB_CONCURRENCY="1", DATA_DIR=str(tmp_path), LOG_DIR=str(tmp_path / "logs"))
     env.update(values)
-    result = run([str(GUNICORN), "-c", str(ROOT / "deploy" / "gunicorn.conf.py")], env, timeout=60)
+    result = run([str(GUNICORN), "-c", str(CONFIG)], env, timeout=60)
     assert result.returncode != 0, result.stdout
     lines = [line for line in result.stdout.splitlines() if setting in line]
     assert lines, f"no line names {setting}:\n{result.stdout[-3000:]}"

@@ -1,0 +1,15 @@
+"""The project's test-and-bench harness: the one way the tests, `make demo` and `make bench`
+start and stop real processes, and what they share to look at them.
+
+    environment   the repo root, free loopback ports, the environments of a stack and of locust
+    polling       waiting for a condition or a URL, with generous deadlines instead of sleeps
+    commands      one-shot commands with a timeout (the CLI, migrations)
+    process       ManagedProcess: own session, log file, readiness wait, stop by PID then SIGKILL
+    gunicorn      the service under gunicorn with deploy/gunicorn.conf.py
+    prometheus    the real Prometheus with the repo's config and rules, and its query API
+    scrape        samples of a Prometheus text endpoint
+    sentry_receiver  a local stand-in for Sentry's ingestion endpoint
+
+Import the modules themselves: this file imports nothing, so `import bench.harness` is cheap.
+The harness never imports the test suite.
+"""

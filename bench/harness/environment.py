@@ -1,0 +1,31 @@
+"""Where the processes run and with what: the checkout's root, a free loopback port, and the
+environments of a production-mode stack and of a locust process."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: every server gets its own, so runs never collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stack_env(uri: str, workdir: Path, **extra) -> dict[str, str]:
+    """Settings for a production-mode stack on `uri`: real hashing cost, a fresh random key,
+    data and logs under `workdir`."""
+    return {"FLASK_ENV": "production", "DB_URI": uri, "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+            "DATA_DIR": str(workdir / "data"), "LOG_DIR": str(workdir / "logs"), **extra}
+
+
+def locust_env(**extra) -> dict[str, str]:
+    """The environment for a locust process: ours without PROMETHEUS_MULTIPROC_DIR (locust's own
+    exporter uses prometheus_client, which must not write into a gunicorn's metrics dir)."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return {**env, **extra}

@@ -1,0 +1,45 @@
+"""The service as it is deployed: gunicorn with deploy/gunicorn.conf.py (the file the systemd
+unit and `make run` use), on free loopback ports for the API and the master's metrics, with
+the private, empty multiprocess metrics directory a launcher must give every start."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.harness.environment import ROOT, free_port
+from bench.harness.process import ManagedProcess
+
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
+
+
+class Gunicorn(ManagedProcess):
+    """gunicorn as a child process group on free loopback ports, ready when /healthz answers."""
+
+    name = "gunicorn"
+    stop_timeout = 20.0
+
+    def __init__(self, env: dict[str, str], *, workers: int | None = 3, log_path: Path) -> None:
+        """`env` over ours; `workers=None`: as many as deploy/gunicorn.conf.py (WEB_CONCURRENCY
+        or its default) says."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        # As a launcher must: a fresh, empty multiprocess metrics directory for every start.
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))
+        full_env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}",
+                    "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        if workers is not None:
+            full_env["WEB_CONCURRENCY"] = str(workers)
+        super().__init__([GUNICORN, "-c", CONFIG], env=full_env, log_path=log_path,
+                         ready_url=self.url + "/healthz")
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        code = super().stop(timeout)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)  # as systemd's RuntimeDirectory is
+        return code

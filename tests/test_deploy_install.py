@@ -1,0 +1,82 @@
+"""deploy/install.sh: shellcheck, and real runs with --root (the tree it builds, a second run
+that keeps the edited settings) and --dry-run (every step printed, nothing changed)."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from tests.deploy_files import DEPLOY, ENV_EXAMPLE, INSTALL, NGINX_SITE, SECRET, SYSTEMD, UNITS
+from tests.deploy_tools import run, tool
+
+
+def test_shell_scripts_are_shellcheck_clean():
+    run([tool("shellcheck"), INSTALL, DEPLOY / "compose" / "postgres-init.sh"])
+    assert INSTALL.read_text().splitlines()[:1] == ["#!/usr/bin/env bash"]
+    assert "\nset -euo pipefail\n" in INSTALL.read_text()
+    assert os.access(INSTALL, os.X_OK) and os.access(DEPLOY / "compose" / "postgres-init.sh", os.X_OK)
+
+
+def install(*args: str) -> subprocess.CompletedProcess:
+    return run([INSTALL, *args], timeout=60, env={**os.environ, "LC_ALL": "C"})
+
+
+def test_install_into_a_root_builds_the_tree_and_is_idempotent(tmp_path):
+    root = tmp_path / "root"
+    first = install("--root", str(root), "--no-venv")
+    assert "skipped (--root)" in first.stdout and "apt-get" in first.stdout
+    assert "NOT STARTED" in first.stderr and "JWT_SECRET_KEY" in first.stderr and "DB_URI" in first.stderr
+
+    app = root / "opt/flaskapi/app"
+    for path in ("service/__init__.py", "migrations/env.py", "deploy/gunicorn.conf.py", "logging_conf/__init__.py",
+                 "pyproject.toml", ".flaskenv"):
+        assert (app / path).is_file(), path
+    for absent in (".git", ".venv", ".data", "logs", ".env", "service/__pycache__", "app.new"):
+        assert not (app / absent).exists(), absent
+    assert not (root / "opt/flaskapi/app.new").exists() and not (root / "opt/flaskapi/app.old").exists()
+    for unit in UNITS:
+        assert (root / "etc/systemd/system" / unit).read_text() == (SYSTEMD / unit).read_text()
+    env_file = root / "etc/flaskapi/flaskapi.env"
+    assert env_file.read_text() == ENV_EXAMPLE.read_text()
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    assert stat.S_IMODE((root / "etc/flaskapi").stat().st_mode) == 0o750
+    site = root / "etc/nginx/sites-enabled/flaskapi.conf"
+    assert site.is_symlink() and site.resolve() == (root / "etc/nginx/sites-available/flaskapi.conf").resolve()
+    assert site.read_text() == NGINX_SITE.read_text()
+
+    # Second run: the edited settings survive (mode restored), the code is replaced.
+    env_file.write_text(env_file.read_text().replace("JWT_SECRET_KEY=\n", f"JWT_SECRET_KEY={SECRET}\n")
+                        .replace("DB_URI=\n", "DB_URI=postgresql://flaskapi:pw@10.0.0.20/flaskapi\n"))
+    env_file.chmod(0o644)
+    (app / "stale-file").write_text("from an older release")
+    second = install("--root", str(root), "--no-venv")
+    assert "NOT STARTED" not in second.stderr
+    assert "skipped (--root): systemctl start flaskapi-migrate" in second.stdout
+    assert f"JWT_SECRET_KEY={SECRET}\n" in env_file.read_text()
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    assert not (app / "stale-file").exists()
+
+
+def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path):
+    root = tmp_path / "root"
+    result = install("--root", str(root), "--dry-run", "--no-venv")
+    assert not root.exists()
+    assert f"+ install -m 0640 {DEPLOY}/env.example {root}/etc/flaskapi/flaskapi.env" in result.stdout
+
+    watched = (Path("/opt/flaskapi"), Path("/etc/flaskapi"), Path("/etc/systemd/system/flaskapi.service"))
+    existed = {p: p.exists() for p in watched}
+    result = install("--dry-run")
+    expected = ["+ apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates nginx",
+                "+ /opt/flaskapi/venv/bin/pip install --quiet --no-cache-dir /opt/flaskapi/app.new",
+                "+ mv /opt/flaskapi/app.new /opt/flaskapi/app",
+                "+ chown root:flaskapi /etc/flaskapi /etc/flaskapi/flaskapi.env",
+                "+ install -m 0644 " + str(SYSTEMD / "flaskapi.service") + " /etc/systemd/system/flaskapi.service",
+                "+ systemctl daemon-reload", "+ nginx -t -q", "+ systemctl reload-or-restart nginx"]
+    if subprocess.run(["getent", "group", "flaskapi"], capture_output=True).returncode != 0:
+        expected.append("+ groupadd --system flaskapi")  # not on a machine where it is installed for real
+    if not Path("/opt/flaskapi/venv/bin/python").exists():
+        expected.append("+ python3 -m venv /opt/flaskapi/venv")
+    for line in expected:
+        assert line in result.stdout, line
+    assert {p: p.exists() for p in watched} == existed
