@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps lint run test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METR
 system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk)
 	bash .ci/system-deps.sh
 
-test: install system-deps ## the whole suite against real Postgres, gunicorn, Prometheus, nginx
+lint: install ## ruff: the rules in pyproject.toml, and the formatting (`ruff format .` fixes it)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install system-deps lint ## lint, then the whole suite against real Postgres, gunicorn, Prometheus, nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 STRESS_CORES ?= 1

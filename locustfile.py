@@ -8,6 +8,7 @@ for Prometheus on LOCUST_METRICS_BIND (default 127.0.0.1:9646), so dashboards ca
 over the server's behaviour. LOCUST_CRASH_AT=20 (or 20,40) calls /auth/crash once at each of those
 seconds after the test starts (the server needs CRASH_ROUTE_ENABLED=1).
 """
+
 import logging
 import os
 import random
@@ -39,14 +40,8 @@ class QuickstartUser(HttpUser):
         id = str(uuid.uuid4())
         while self.token == None:  # noqa: E711 (kept as the lesson wrote it)
             try:
-                self.client.post(
-                    "/auth/register",
-                    json={"email": f"test{id}@test.com", "password": "secret"}
-                )
-                response = self.client.post(
-                    "/auth/login",
-                    json={"email": f"test{id}@test.com", "password": "secret"}
-                )
+                self.client.post("/auth/register", json={"email": f"test{id}@test.com", "password": "secret"})
+                response = self.client.post("/auth/login", json={"email": f"test{id}@test.com", "password": "secret"})
                 self.token = response.json()["token"]
             except:  # noqa: E722 (kept as the lesson wrote it)
                 time.sleep(3)
@@ -59,9 +54,7 @@ class QuickstartUser(HttpUser):
     def create_book(self):
         if self.token:
             response = self.client.post(
-                "/books/",
-                json={"title": self.faker.catch_phrase()},
-                headers={"Authorization": f"Bearer {self.token}"}
+                "/books/", json={"title": self.faker.catch_phrase()}, headers={"Authorization": f"Bearer {self.token}"}
             )
             if response.status_code < 400:
                 self.books.append(response.json()["id"])
@@ -73,17 +66,14 @@ class QuickstartUser(HttpUser):
             self.client.put(
                 f"/books/{book_id}",
                 json={"title": self.faker.catch_phrase()},
-                headers={"Authorization": f"Bearer {self.token}"}
+                headers={"Authorization": f"Bearer {self.token}"},
             )
 
     @task(2)
     def delete_book(self):
         if len(self.books) > 0 and self.token:
             book_id = random.choice(self.books)
-            response = self.client.delete(
-                f"/books/{book_id}",
-                headers={"Authorization": f"Bearer {self.token}"}
-            )
+            response = self.client.delete(f"/books/{book_id}", headers={"Authorization": f"Bearer {self.token}"})
             if response.status_code < 400:
                 self.books.remove(book_id)
 
@@ -102,9 +92,11 @@ class LocustCollector:
         yield GaugeMetricFamily("locust_users", "Simulated users running", value=runner.user_count if runner else 0)
         requests = CounterMetricFamily("locust_requests", "Requests sent", labels=["method", "name"])
         failures = CounterMetricFamily("locust_failures", "Requests that failed", labels=["method", "name"])
-        percentiles = GaugeMetricFamily("locust_response_time_seconds",
-                                        "Response time percentiles over the last seconds (all requests)",
-                                        labels=["quantile"])
+        percentiles = GaugeMetricFamily(
+            "locust_response_time_seconds",
+            "Response time percentiles over the last seconds (all requests)",
+            labels=["quantile"],
+        )
         if stats is not None:
             for entry in stats.entries.values():
                 requests.add_metric([entry.method or "", entry.name], entry.num_requests)
@@ -142,7 +134,7 @@ def schedule_crashes(environment, **kwargs):
         for delay in delays:
             gevent.sleep(max(0.0, delay - (time.monotonic() - started)))
             try:
-                urllib.request.urlopen(environment.host.rstrip("/") + "/auth/crash", timeout=10)
+                urllib.request.urlopen(environment.host.rstrip("/") + "/auth/crash", timeout=10)  # noqa: S310 (the --host URL)
             except (urllib.error.URLError, ConnectionError, OSError) as exc:
                 log.info("crash requested at +%.0fs: %s", delay, exc)  # the worker died mid-request
 

@@ -5,6 +5,7 @@ dashboard JSON's own queries, and a summary. Stops everything it started.
 
     python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45] [--out reports/demo-...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import report, run
-from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.prometheus import Prometheus
 
@@ -59,8 +60,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     prometheus_installed = Path(Prometheus.BINARY).exists()
     if not prometheus_installed:
-        print("Prometheus is not installed (Debian/Ubuntu: sudo apt-get install prometheus): "
-              "the report will have locust's view only.", file=sys.stderr)
+        print(
+            "Prometheus is not installed (Debian/Ubuntu: sudo apt-get install prometheus): "
+            "the report will have locust's view only.",
+            file=sys.stderr,
+        )
 
     duration = int(args.ramp + args.hold)
     env = stack_env(migrated_demo_database(), out, CRASH_ROUTE_ENABLED="1", LOG_CONSOLE="0")
@@ -70,22 +74,35 @@ def main() -> int:
         print(f"API {stack.url}   metrics {stack.metrics_url}")
         prometheus = None
         if prometheus_installed:
-            prometheus = Prometheus(out, interval="2s", targets={
-                "flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}).start()
+            prometheus = Prometheus(
+                out,
+                interval="2s",
+                targets={"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"},
+            ).start()
             print(f"Prometheus {prometheus.url}")
         try:
             started = time.time()
             generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}")
             if args.crash_at:
                 generator["LOCUST_CRASH_AT"] = str(args.crash_at)
-            print(f"locust: {args.users} users over {args.ramp:.0f}s, then {args.hold:.0f}s steady"
-                  + (f", crash at +{args.crash_at:.0f}s" if args.crash_at else ""))
+            print(
+                f"locust: {args.users} users over {args.ramp:.0f}s, then {args.hold:.0f}s steady"
+                + (f", crash at +{args.crash_at:.0f}s" if args.crash_at else "")
+            )
             subprocess.run(
-                [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--headless",
-                 "-u", str(args.users), "-r", f"{args.users / args.ramp:.3f}", "-t", f"{duration}s",
-                 "--host", stack.url, "--csv", str(out / "locust"), "--html", str(out / "locust.html"),
-                 "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "10"],
-                cwd=ROOT, env=generator, timeout=duration + 120, check=True)
+                locust_command(
+                    stack.url,
+                    users=args.users,
+                    rate=f"{args.users / args.ramp:.3f}",
+                    seconds=duration,
+                    stop_timeout=10,
+                    extra=("--csv", str(out / "locust"), "--html", str(out / "locust.html")),
+                ),
+                cwd=ROOT,
+                env=generator,
+                timeout=duration + 120,
+                check=True,
+            )
             time.sleep(5)
             ended = time.time()
             summary = {"users": args.users, "duration_s": duration, **locust_totals(out / "locust")}
@@ -100,9 +117,11 @@ def main() -> int:
             if prometheus is not None:
                 prometheus.stop()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"# Load-test demo ({time.strftime('%Y-%m-%d %H:%M')})", ""] + \
-            [f"- {key}: {value}" for key, value in summary.items()] + \
-            ["", "Files: `locust.html`, `locust_stats.csv`, `dashboard.html` (every Grafana panel), `logs/app.log`."]
+    lines = (
+        [f"# Load-test demo ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+        + [f"- {key}: {value}" for key, value in summary.items()]
+        + ["", "Files: `locust.html`, `locust_stats.csv`, `dashboard.html` (every Grafana panel), `logs/app.log`."]
+    )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

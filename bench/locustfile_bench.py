@@ -6,6 +6,7 @@ and waits) on locust's FastHttpUser client, so one generator process is not the 
 per endpoint (ids folded into `<id>`) and written to BENCH_RECORDS at the end, so percentiles
 are exact per endpoint and the ramp can be plotted over time.
 """
+
 import json
 import os
 import re

@@ -3,6 +3,7 @@
 The report and Grafana can never disagree: both read monitoring/grafana/dashboards/flaskapi.json.
 Grafana's `$__rate_interval`, `$__interval` and `$__range` are replaced by concrete windows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,9 @@ def panels(dashboard: dict) -> list[Panel]:
     """Every panel with queries, in dashboard order."""
     found = []
     for item in flatten(dashboard.get("panels", [])):
-        targets = [(t.get("refId", ""), t["expr"], t.get("legendFormat", ""))
-                   for t in item.get("targets", []) if t.get("expr")]
+        targets = [
+            (t.get("refId", ""), t["expr"], t.get("legendFormat", "")) for t in item.get("targets", []) if t.get("expr")
+        ]
         if targets:
             unit = item.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
             found.append(Panel(item.get("title", ""), unit, item.get("description", ""), targets))
@@ -52,14 +54,11 @@ def panels(dashboard: dict) -> list[Panel]:
 
 
 def annotation_exprs(dashboard: dict) -> list[tuple[str, str]]:
-    return [(a.get("name", ""), a["expr"]) for a in dashboard.get("annotations", {}).get("list", [])
-            if a.get("expr")]
+    return [(a.get("name", ""), a["expr"]) for a in dashboard.get("annotations", {}).get("list", []) if a.get("expr")]
 
 
 def substitute(expr: str, *, rate_interval: str, interval: str, range_: str) -> str:
-    return (expr.replace("$__rate_interval", rate_interval)
-                .replace("$__interval", interval)
-                .replace("$__range", range_))
+    return expr.replace("$__rate_interval", rate_interval).replace("$__interval", interval).replace("$__range", range_)
 
 
 def legend(template: str, labels: dict) -> str:
@@ -68,9 +67,16 @@ def legend(template: str, labels: dict) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template)
 
 
-def render(prometheus, out_dir: Path, *, start: float, end: float, step: float = 2.0,
-           rate_interval: str = "20s",
-           marks: dict[str, float] | None = None) -> dict[str, dict[str, int]]:
+def render(
+    prometheus,
+    out_dir: Path,
+    *,
+    start: float,
+    end: float,
+    step: float = 2.0,
+    rate_interval: str = "20s",
+    marks: dict[str, float] | None = None,
+) -> dict[str, dict[str, int]]:
     """One PNG per panel plus index.html; returns {panel title: {refId: number of series}}."""
     import matplotlib
 
@@ -95,8 +101,7 @@ def render(prometheus, out_dir: Path, *, start: float, end: float, step: float =
                 axes.plot(xs, ys, label=legend(legend_format, result["metric"]))
         for name, at in (marks or {}).items():
             axes.axvline(at - start, color="red", linestyle="--", linewidth=1)
-            axes.annotate(name, (at - start, 1), xycoords=("data", "axes fraction"), color="red",
-                          fontsize=8, va="top")
+            axes.annotate(name, (at - start, 1), xycoords=("data", "axes fraction"), color="red", fontsize=8, va="top")
         axes.set_title(panel.title)
         axes.set_xlabel("seconds since start")
         axes.set_ylabel(panel.unit)
@@ -108,9 +113,12 @@ def render(prometheus, out_dir: Path, *, start: float, end: float, step: float =
         plt.close(figure)
         summary[panel.title] = counts
         queries = "".join(f"<li><code>{html.escape(expr)}</code></li>" for _, expr, _ in panel.targets)
-        sections.append(f"<h2>{html.escape(panel.title)}</h2><p>{html.escape(panel.description)}</p>"
-                        f"<img src='{image}' alt='{html.escape(panel.title)}'><ul>{queries}</ul>")
+        sections.append(
+            f"<h2>{html.escape(panel.title)}</h2><p>{html.escape(panel.description)}</p>"
+            f"<img src='{image}' alt='{html.escape(panel.title)}'><ul>{queries}</ul>"
+        )
     (out_dir / "dashboard.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>flaskapi dashboard report</title>"
-        f"<h1>{html.escape(dashboard.get('title', 'dashboard'))}</h1>" + "".join(sections))
+        f"<h1>{html.escape(dashboard.get('title', 'dashboard'))}</h1>" + "".join(sections)
+    )
     return summary

@@ -5,9 +5,11 @@ Scenarios: 1 the lesson's users at scale, 2 saturation against `flask run` and a
 app, 3 observability on/off, 4 list latency as the table grows, 5 crash to serving again.
 Prints one table and writes results.json / results.csv / ramp.png to bench/results/<time>/.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import http.client
 import json
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import GUNICORN, Gunicorn
 from bench.harness.process import ManagedProcess
 from bench.harness.sentry_receiver import SentryReceiver
@@ -56,9 +58,13 @@ def fresh_database(name: str) -> str:
 
 
 def cli(uri: str, *args: str) -> None:
-    subprocess.run([PYTHON, "-m", "flask", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "DB_URI": uri, "FLASK_ENV": "development", "LOG_TO_FILE": "0",
-                        "LOG_LEVEL": "WARNING"})
+    subprocess.run(
+        [PYTHON, "-m", "flask", *args],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "DB_URI": uri, "FLASK_ENV": "development", "LOG_TO_FILE": "0", "LOG_LEVEL": "WARNING"},
+    )
 
 
 def seed(uri: str, books: int) -> None:
@@ -80,21 +86,29 @@ class Server(ManagedProcess):
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        super().__init__(argv, env={**os.environ, **env}, log_path=log, name=" ".join(argv[:4]),
-                         ready_url=self.url + "/books/")
+        super().__init__(
+            argv, env={**os.environ, **env}, log_path=log, name=" ".join(argv[:4]), ready_url=self.url + "/books/"
+        )
 
 
 def flask_run(uri: str, workdir: Path) -> Server:
     port = free_port()
-    return Server([PYTHON, "-m", "flask", "run", "--with-threads", "-p", str(port)],
-                  stack_env(uri, workdir, LOG_CONSOLE="0"), workdir / "flask-run.out", port)
+    return Server(
+        [PYTHON, "-m", "flask", "run", "--with-threads", "-p", str(port)],
+        stack_env(uri, workdir, LOG_CONSOLE="0"),
+        workdir / "flask-run.out",
+        port,
+    )
 
 
 def reference(uri: str, workdir: Path) -> Server:
     port = free_port()
-    return Server([str(GUNICORN), "-w", "3", "-b", f"127.0.0.1:{port}",
-                   "--no-control-socket", "bench.reference_app:app"],
-                  {"DB_URI": uri}, workdir / "reference.out", port)
+    return Server(
+        [str(GUNICORN), "-w", "3", "-b", f"127.0.0.1:{port}", "--no-control-socket", "bench.reference_app:app"],
+        {"DB_URI": uri},
+        workdir / "reference.out",
+        port,
+    )
 
 
 # --- load ---------------------------------------------------------------------------------
@@ -123,17 +137,27 @@ def watch_generator(generator: ManagedProcess, *, limit: float) -> tuple[float, 
 def locust(host: str, user: str, *, users: int, rate: float, seconds: float, workdir: Path, tag: str) -> dict:
     """Run headless locust; return its aggregate figures, the generator's CPU and the records."""
     records = workdir / f"{tag}-records.json"
-    argv = [PYTHON, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "-u", str(users),
-            "-r", str(rate), "-t", f"{int(seconds)}s", "--host", host, "--csv", str(workdir / tag),
-            "--only-summary", "--exit-code-on-error", "0", "--stop-timeout", "5", "--loglevel", "WARNING"]
+    argv = locust_command(
+        host,
+        users=users,
+        rate=rate,
+        seconds=seconds,
+        locustfile=LOCUSTFILE,
+        user_classes=(user,),
+        extra=("--csv", str(workdir / tag), "--loglevel", "WARNING"),
+    )
     env = locust_env(BENCH_RECORDS=str(records), LOCUST_METRICS_BIND="off")
     generator = ManagedProcess(argv, env=env, log_path=workdir / f"{tag}-locust.out", name=f"locust {user}")
     cpu, elapsed = watch_generator(generator, limit=seconds + 90)
     data = [tuple(r) for r in json.loads(records.read_text())] if records.exists() else []
     ok = [r for r in data if r[3]]
-    return {"requests": len(data), "failures": len(data) - len(ok),
-            "rps": round(len(data) / seconds, 1), "generator_cpu_pct": round(100 * cpu / elapsed, 1),
-            "records": data}
+    return {
+        "requests": len(data),
+        "failures": len(data) - len(ok),
+        "rps": round(len(data) / seconds, 1),
+        "generator_cpu_pct": round(100 * cpu / elapsed, 1),
+        "records": data,
+    }
 
 
 WRK = "wrk"
@@ -141,8 +165,9 @@ WRK_CREATE = ROOT / "bench" / "wrk_create.lua"
 CONNECTIONS = 16
 
 
-def wrk(url: str, *, seconds: float, workdir: Path, tag: str, token: str | None = None,
-        connections: int = CONNECTIONS) -> dict:
+def wrk(
+    url: str, *, seconds: float, workdir: Path, tag: str, token: str | None = None, connections: int = CONNECTIONS
+) -> dict:
     """Saturate `url` with wrk (GET /books/, or POST /books/ as `token`'s owner when given);
     return its figures, its CPU seconds and its share of a core. wrk is a C client with one
     thread: at 2,500 req/s it needs about a tenth of the CPU locust's FastHttpUser does, and on
@@ -152,8 +177,12 @@ def wrk(url: str, *, seconds: float, workdir: Path, tag: str, token: str | None 
         argv += ["-s", str(WRK_CREATE)]
     log = workdir / f"{tag}-wrk.txt"
     log.unlink(missing_ok=True)  # the log is appended to: a rerun into the same folder starts afresh
-    generator = ManagedProcess(argv + [url.rstrip("/") + "/books/"], env={**os.environ, "WRK_TOKEN": token or ""},
-                               log_path=log, name=f"wrk {tag}")
+    generator = ManagedProcess(
+        [*argv, url.rstrip("/") + "/books/"],
+        env={**os.environ, "WRK_TOKEN": token or ""},
+        log_path=log,
+        name=f"wrk {tag}",
+    )
     cpu, elapsed = watch_generator(generator, limit=seconds + 30)
     return parse_wrk(generator.output()) | {"cpu_s": cpu, "generator_cpu_pct": round(100 * cpu / elapsed, 1)}
 
@@ -169,12 +198,18 @@ def parse_wrk(output: str) -> dict:
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if sockets:
         failures += sum(int(n) for n in sockets.groups())
-    latency = {q: _wrk_ms(m.group(1), m.group(2))
-               for q, m in ((q, re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)", output, re.M)) for q in ("50", "99"))
-               if m}
-    return {"requests": requests_done, "failures": failures, "seconds": seconds,
-            "rps": round(requests_done / seconds, 1),
-            **{f"p{q}_ms": ms for q, ms in latency.items()}}
+    latency = {
+        q: _wrk_ms(m.group(1), m.group(2))
+        for q, m in ((q, re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)", output, re.M)) for q in ("50", "99"))
+        if m
+    }
+    return {
+        "requests": requests_done,
+        "failures": failures,
+        "seconds": seconds,
+        "rps": round(requests_done / seconds, 1),
+        **{f"p{q}_ms": ms for q, ms in latency.items()},
+    }
 
 
 def _wrk_ms(value: str, unit: str) -> float:
@@ -218,17 +253,33 @@ def latency(url: str, n: int) -> dict:
 def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
     users, rate, steady = (200, 10, 15) if quick else (1000, 10, 60)
     with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "lesson.out") as stack:
-        result = locust(stack.url, "LessonFastUser", users=users, rate=rate,
-                        seconds=users / rate + steady, workdir=workdir, tag="lesson")
+        result = locust(
+            stack.url,
+            "LessonFastUser",
+            users=users,
+            rate=rate,
+            seconds=users / rate + steady,
+            workdir=workdir,
+            tag="lesson",
+        )
     by_endpoint: dict[str, list[float]] = {}
-    for _, name, ms, ok in result["records"]:
+    for _, name, ms, _ok in result["records"]:
         by_endpoint.setdefault(name, []).append(ms)
-    endpoints = {name: {"requests": len(v), "p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95),
-                        "p99_ms": pct(v, 0.99)} for name, v in sorted(by_endpoint.items())}
+    endpoints = {
+        name: {"requests": len(v), "p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95), "p99_ms": pct(v, 0.99)}
+        for name, v in sorted(by_endpoint.items())
+    }
     plot_ramp(result["records"], workdir / "ramp.png", users=users, rate=rate)
-    return {"users": users, "spawn_rate": rate, "steady_s": steady, "requests": result["requests"],
-            "failures": result["failures"], "rps": result["rps"],
-            "generator_cpu_pct": result["generator_cpu_pct"], "endpoints": endpoints}
+    return {
+        "users": users,
+        "spawn_rate": rate,
+        "steady_s": steady,
+        "requests": result["requests"],
+        "failures": result["failures"],
+        "rps": result["rps"],
+        "generator_cpu_pct": result["generator_cpu_pct"],
+        "endpoints": endpoints,
+    }
 
 
 def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag: str) -> dict:
@@ -244,31 +295,43 @@ def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag:
         order = list(servers)
         for round_no in range(rounds):
             for name in order:
-                run = wrk(servers[name].url, seconds=seconds / rounds, workdir=workdir,
-                          tag=f"{tag}-{name}-{key}-{round_no}", token=tokens[name] if key == "create" else None)
+                run = wrk(
+                    servers[name].url,
+                    seconds=seconds / rounds,
+                    workdir=workdir,
+                    tag=f"{tag}-{name}-{key}-{round_no}",
+                    token=tokens[name] if key == "create" else None,
+                )
                 for field in totals[name]:
                     totals[name][field] += run[field]
                 per_round[name].append(run["rps"])
             order = order[1:] + order[:1]
         for name, total in totals.items():
-            figures[name].update({
-                f"{key}_rps": round(total["requests"] / total["seconds"], 1),
-                f"{key}_round_rps": per_round[name],
-                f"{key}_requests": total["requests"], f"{key}_failures": total["failures"],
-                f"{key}_generator_cpu_pct": round(100 * total["cpu_s"] / total["seconds"], 1)})
+            figures[name].update(
+                {
+                    f"{key}_rps": round(total["requests"] / total["seconds"], 1),
+                    f"{key}_round_rps": per_round[name],
+                    f"{key}_requests": total["requests"],
+                    f"{key}_failures": total["failures"],
+                    f"{key}_generator_cpu_pct": round(100 * total["cpu_s"] / total["seconds"], 1),
+                }
+            )
     return figures
 
 
 def paired_ratio(a: dict, b: dict, key: str) -> float:
     """The median over rounds of a's throughput over b's in the same round: a disturbance on
     the shared box (a few seconds of someone else's CPU) spoils one round, not the figure."""
-    return statistics.median(x / y for x, y in zip(a[f"{key}_round_rps"], b[f"{key}_round_rps"]))
+    return statistics.median(x / y for x, y in zip(a[f"{key}_round_rps"], b[f"{key}_round_rps"], strict=False))
 
 
 def saturation(uri: str, workdir: Path, seconds: float) -> dict:
     """Our stack (shipped config), the same app under `flask run`, and the bare reference."""
-    with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "sat.out") as stack, \
-            flask_run(uri, workdir) as flask_dev, reference(uri, workdir) as floor:
+    with (
+        Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "sat.out") as stack,
+        flask_run(uri, workdir) as flask_dev,
+        reference(uri, workdir) as floor,
+    ):
         return side_by_side({"stack": stack, "flask_run": flask_dev, "reference": floor}, workdir, seconds, "sat")
 
 
@@ -278,8 +341,10 @@ def observability_overhead(uri: str, workdir: Path, seconds: float) -> dict:
     with SentryReceiver() as receiver:
         on = {"SENTRY_DSN": receiver.dsn}
         off = {"METRICS_ENABLED": "0", "LOG_TO_FILE": "0", "LOG_CONSOLE": "0", "LOG_LEVEL": "WARNING"}
-        with Gunicorn(stack_env(uri, workdir, **on), workers=SHIPPED, log_path=workdir / "obs-on.out") as stack_on, \
-                Gunicorn(stack_env(uri, workdir, **off), workers=SHIPPED, log_path=workdir / "obs-off.out") as stack_off:
+        with (
+            Gunicorn(stack_env(uri, workdir, **on), workers=SHIPPED, log_path=workdir / "obs-on.out") as stack_on,
+            Gunicorn(stack_env(uri, workdir, **off), workers=SHIPPED, log_path=workdir / "obs-off.out") as stack_off,
+        ):
             figures = side_by_side({"on": stack_on, "off": stack_off}, workdir, seconds, "obs")
         figures["sentry_events_received"] = len(receiver.events)
     return figures
@@ -291,11 +356,15 @@ def growth(uri: str, workdir: Path, samples: int) -> dict:
     for size in (1_000, 100_000, 1_000_000):
         seed(uri, size - seeded)
         seeded = size
-        with Gunicorn(stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "growth.out") as stack:
+        with Gunicorn(
+            stack_env(uri, workdir, LOG_CONSOLE="0"), workers=SHIPPED, log_path=workdir / "growth.out"
+        ) as stack:
             first = requests.get(stack.url + "/books/?limit=20", timeout=10).json()
             middle = first["items"][0]["id"] // 2
-            figures[str(size)] = {"first_page": latency(stack.url + "/books/", samples),
-                                  "middle_page": latency(stack.url + f"/books/?cursor={middle}", samples)}
+            figures[str(size)] = {
+                "first_page": latency(stack.url + "/books/", samples),
+                "middle_page": latency(stack.url + f"/books/?cursor={middle}", samples),
+            }
     return figures
 
 
@@ -306,10 +375,8 @@ def crash_recovery(uri: str, workdir: Path, crashes: int) -> dict:
         for _ in range(crashes):
             time.sleep(0.5)
             started = time.perf_counter()
-            try:
+            with contextlib.suppress(requests.ConnectionError):
                 requests.get(stack.url + "/auth/crash", timeout=10)
-            except requests.ConnectionError:
-                pass
             while True:  # the master keeps the socket: this waits in the backlog for the new worker
                 try:
                     if requests.get(stack.url + "/healthz", timeout=10).status_code == 200:
@@ -357,13 +424,23 @@ def table(results: dict) -> list[tuple[str, str, str]]:
 
 def _lesson_rows(lesson: dict) -> list[tuple[str, str, str]]:
     rows = []
-    rows.append((f"1 lesson: {lesson['users']} users, {lesson['requests']} requests", f"{lesson['rps']} req/s",
-                 f"failures {lesson['failures']} (target 0): {'HOLDS' if lesson['failures'] == 0 else 'MISSED'}"))
+    rows.append(
+        (
+            f"1 lesson: {lesson['users']} users, {lesson['requests']} requests",
+            f"{lesson['rps']} req/s",
+            f"failures {lesson['failures']} (target 0): {'HOLDS' if lesson['failures'] == 0 else 'MISSED'}",
+        )
+    )
     rows.append(("1 load generator CPU", f"{lesson['generator_cpu_pct']} % of a core", ""))
     for name, e in lesson["endpoints"].items():
         limit = 300 if "/auth/" in name else 100
-        rows.append((f"1 {name}", f"p50 {e['p50_ms']} / p95 {e['p95_ms']} / p99 {e['p99_ms']} ms",
-                     f"p95 <= {limit} ms: {'HOLDS' if e['p95_ms'] <= limit else 'MISSED'}"))
+        rows.append(
+            (
+                f"1 {name}",
+                f"p50 {e['p50_ms']} / p95 {e['p95_ms']} / p99 {e['p99_ms']} ms",
+                f"p95 <= {limit} ms: {'HOLDS' if e['p95_ms'] <= limit else 'MISSED'}",
+            )
+        )
     return rows
 
 
@@ -372,15 +449,37 @@ def _saturation_rows(sat: dict) -> list[tuple[str, str, str]]:
     for key in ("list", "create"):
         a, b, c = sat["stack"][f"{key}_rps"], sat["flask_run"][f"{key}_rps"], sat["reference"][f"{key}_rps"]
         a_b, a_c = paired_ratio(sat["stack"], sat["flask_run"], key), paired_ratio(sat["stack"], sat["reference"], key)
-        rows.append((f"2 {key}: stack / flask run / reference", f"{a} / {b} / {c} req/s",
-                     _failures(sat[n].get(f"{key}_failures") for n in ("stack", "flask_run", "reference"))))
-        rows.append((f"2 {key}: wrk CPU (stack / flask run / reference)",
-                     " / ".join(f"{sat[n].get(f'{key}_generator_cpu_pct', '?')}" for n in ("stack", "flask_run", "reference"))
-                     + " % of a core", ""))
-        rows.append((f"2 {key}: stack / flask run (median of rounds)", f"{a_b:.2f}x",
-                     f">= 2.5x: {'HOLDS' if a_b >= 2.5 else 'MISSED'}"))
-        rows.append((f"2 {key}: stack / reference (median of rounds)", f"{a_c:.2f}x",
-                     f">= 0.6x: {'HOLDS' if a_c >= 0.6 else 'MISSED'}"))
+        rows.append(
+            (
+                f"2 {key}: stack / flask run / reference",
+                f"{a} / {b} / {c} req/s",
+                _failures(sat[n].get(f"{key}_failures") for n in ("stack", "flask_run", "reference")),
+            )
+        )
+        rows.append(
+            (
+                f"2 {key}: wrk CPU (stack / flask run / reference)",
+                " / ".join(
+                    f"{sat[n].get(f'{key}_generator_cpu_pct', '?')}" for n in ("stack", "flask_run", "reference")
+                )
+                + " % of a core",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"2 {key}: stack / flask run (median of rounds)",
+                f"{a_b:.2f}x",
+                f">= 2.5x: {'HOLDS' if a_b >= 2.5 else 'MISSED'}",
+            )
+        )
+        rows.append(
+            (
+                f"2 {key}: stack / reference (median of rounds)",
+                f"{a_c:.2f}x",
+                f">= 0.6x: {'HOLDS' if a_c >= 0.6 else 'MISSED'}",
+            )
+        )
     return rows
 
 
@@ -394,8 +493,13 @@ def _observability_rows(obs: dict) -> list[tuple[str, str, str]]:
     for key in ("list", "create"):
         on, off = obs["on"][f"{key}_rps"], obs["off"][f"{key}_rps"]
         ratio = paired_ratio(obs["on"], obs["off"], key)
-        rows.append((f"3 {key}: observability on / off (median of rounds)", f"{on} / {off} req/s: {ratio:.2f}",
-                     f">= 0.90: {'HOLDS' if ratio >= 0.90 else 'MISSED'}"))
+        rows.append(
+            (
+                f"3 {key}: observability on / off (median of rounds)",
+                f"{on} / {off} req/s: {ratio:.2f}",
+                f">= 0.90: {'HOLDS' if ratio >= 0.90 else 'MISSED'}",
+            )
+        )
     return rows
 
 
@@ -403,48 +507,69 @@ def _growth_rows(grow: dict) -> list[tuple[str, str, str]]:
     rows = []
     for page in ("first_page", "middle_page"):
         small, big = grow["1000"][page]["p50_ms"], grow["1000000"][page]["p50_ms"]
-        rows.append((f"4 {page} p50 at 1k / 100k / 1M books",
-                     f"{small} / {grow['100000'][page]['p50_ms']} / {big} ms = {big / small:.2f}",
-                     f"1M/1k <= 1.3: {'HOLDS' if big / small <= 1.3 else 'MISSED'}"))
+        rows.append(
+            (
+                f"4 {page} p50 at 1k / 100k / 1M books",
+                f"{small} / {grow['100000'][page]['p50_ms']} / {big} ms = {big / small:.2f}",
+                f"1M/1k <= 1.3: {'HOLDS' if big / small <= 1.3 else 'MISSED'}",
+            )
+        )
     return rows
 
 
 def _crash_rows(crash: dict) -> list[tuple[str, str, str]]:
     rows = []
-    rows.append((f"5 crash to serving again ({crash['crashes']} crashes)",
-                 f"median {crash['median_ms']} / max {crash['max_ms']} ms",
-                 f"<= 100 ms: {'HOLDS' if crash['max_ms'] <= 100 else 'MISSED'}"))
+    rows.append(
+        (
+            f"5 crash to serving again ({crash['crashes']} crashes)",
+            f"median {crash['median_ms']} / max {crash['max_ms']} ms",
+            f"<= 100 ms: {'HOLDS' if crash['max_ms'] <= 100 else 'MISSED'}",
+        )
+    )
     return rows
 
 
-ROWS = {"lesson": _lesson_rows, "saturation": _saturation_rows, "observability": _observability_rows,
-        "growth": _growth_rows, "crash": _crash_rows}
+ROWS = {
+    "lesson": _lesson_rows,
+    "saturation": _saturation_rows,
+    "observability": _observability_rows,
+    "growth": _growth_rows,
+    "crash": _crash_rows,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller scales, under 3 minutes")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS,
-                        help="run these scenarios only (default: all)")
+    parser.add_argument(
+        "--only", nargs="+", choices=SCENARIOS, default=SCENARIOS, help="run these scenarios only (default: all)"
+    )
     args = parser.parse_args()
     quick = args.quick
     workdir = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     seconds = 6 if quick else 15
     began = time.monotonic()
-    results = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
-                           "memory_gib": round(psutil.virtual_memory().total / 2**30)},
-               "mode": "quick" if quick else "full"}
+    results = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "memory_gib": round(psutil.virtual_memory().total / 2**30),
+        },
+        "mode": "quick" if quick else "full",
+    }
 
     uri = fresh_database("flaskapi_bench") if set(args.only) - {"growth"} else ""
     if uri:
         seed(uri, 10_000)
-    runs = {"lesson": lambda: lesson_at_scale(uri, workdir, quick),
-            "saturation": lambda: saturation(uri, workdir, seconds),
-            "observability": lambda: observability_overhead(uri, workdir, seconds),
-            "crash": lambda: crash_recovery(uri, workdir, 5),
-            "growth": lambda: growth(fresh_database("flaskapi_bench_growth"), workdir, 100 if quick else 300)}
+    runs = {
+        "lesson": lambda: lesson_at_scale(uri, workdir, quick),
+        "saturation": lambda: saturation(uri, workdir, seconds),
+        "observability": lambda: observability_overhead(uri, workdir, seconds),
+        "crash": lambda: crash_recovery(uri, workdir, 5),
+        "growth": lambda: growth(fresh_database("flaskapi_bench_growth"), workdir, 100 if quick else 300),
+    }
     for name in SCENARIOS:  # in this order: the growth scenario's million rows come last
         if name in args.only:
             print(f"[{time.monotonic() - began:5.0f}s] {name} ...", flush=True)
@@ -454,13 +579,15 @@ def main() -> int:
     rows = table(results)
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
-    print(f"\nflaskapi-observability bench ({results['mode']}, {results['machine']['cores']} cores, "
-          f"{results['seconds']} s)")
+    print(
+        f"\nflaskapi-observability bench ({results['mode']}, {results['machine']['cores']} cores, "
+        f"{results['seconds']} s)"
+    )
     for figure, value, verdict in rows:
         print(f"  {figure:<{width}}  {value:<{value_width}}  {verdict}")
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     with open(workdir / "results.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("figure", "value", "target")] + rows)
+        csv.writer(handle).writerows([("figure", "value", "target"), *rows])
     print(f"\nresults: {workdir}")
     return 0
 

@@ -10,6 +10,7 @@ Everything is read from the environment so one file serves them all:
     PROMETHEUS_MULTIPROC_DIR  where workers write samples; the launcher (make run, systemd, the
                       tests) sets it to an empty directory. Unset: a private temporary one.
 """
+
 import os
 import sys
 import tempfile
@@ -35,11 +36,14 @@ if not _reloading:
     _master.private_metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _master.private_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-            prefix="flaskapi-metrics-")
+            prefix="flaskapi-metrics-"
+        )
     _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if not os.path.isdir(_metrics_dir) or os.listdir(_metrics_dir):
-        sys.exit(f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
-                 "directory: wipe it before starting (stale files from an earlier run would be merged in)")
+        sys.exit(
+            f"flaskapi-observability: PROMETHEUS_MULTIPROC_DIR={_metrics_dir} must be an existing, empty "
+            "directory: wipe it before starting (stale files from an earlier run would be merged in)"
+        )
 
 from logging_conf.gunicorn_logger import AppWritesAccessLog  # noqa: E402
 from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
@@ -78,8 +82,9 @@ logger_class = AppWritesAccessLog
 
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 if not _reloading:
-    _master.hooks = MasterHooks(metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None,
-                                version=_settings.version)
+    _master.hooks = MasterHooks(
+        metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None, version=_settings.version
+    )
     _master.pid = os.getpid()
 _hooks = _master.hooks
 on_starting = _hooks.on_starting

@@ -10,6 +10,7 @@ or deletes the file another is still writing, and lines are lost, as our rotatio
 Ours appends each line with one write(2) and no lock, and coordinates only the rotation itself,
 with an flock: exactly one process renames the file, the others notice and reopen.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,21 @@ ROTATING_HANDLER = "logging_conf.rotation.SharedTimedRotatingFileHandler"
 _applied: str | None = None
 
 
-def build(*, level: str = "INFO", log_dir: Path | None = None, filename: str = "app.log",
-          when: str = "midnight", interval: int = 1, backup_count: int = 14,
-          gzip: bool = False, console: bool = True) -> dict[str, Any]:
+def build(
+    *,
+    level: str = "INFO",
+    log_dir: Path | None = None,
+    filename: str = "app.log",
+    when: str = "midnight",
+    interval: int = 1,
+    backup_count: int = 14,
+    gzip: bool = False,
+    console: bool = True,
+) -> dict[str, Any]:
     """The dictConfig for these options. `log_dir=None` means no file (console only)."""
     handlers: dict[str, dict[str, Any]] = {}
     if console:
-        handlers["console"] = {"class": "logging.StreamHandler", "formatter": "json",
-                               "stream": "ext://sys.stderr"}
+        handlers["console"] = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     if log_dir is not None:
         handlers["file"] = {
             "class": ROTATING_HANDLER,

@@ -4,6 +4,7 @@ One event is one line of valid JSON: multi-line messages and tracebacks are esca
 strings, exceptions are structured objects, and the request context (request id, method, path,
 remote address) is attached to every line written while a request is being served.
 """
+
 from __future__ import annotations
 
 import logging

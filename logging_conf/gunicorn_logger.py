@@ -3,6 +3,7 @@
 How gunicorn logs is part of the one logging configuration, so the class lives here, next to
 the dictConfig gunicorn receives as `logconfig_dict`.
 """
+
 from __future__ import annotations
 
 from gunicorn.glogging import Logger as GunicornLogger

@@ -7,6 +7,7 @@ sensitive key (a header, an `extra`), whatever it looks like.
 
 Part of logging_conf, not of service: gunicorn loads the logging configuration before the app.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,9 +17,13 @@ _REDACTIONS = (
     (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]+"), "[REDACTED-JWT]"),
     (re.compile(r"(?i)(bearer\s+)[^\s\"'\\,]+"), r"\1[REDACTED]"),
     # key = value / "key": "value", also inside an already JSON-escaped string (\\")
-    (re.compile(r"(?i)((?:password|passwd|secret|token|authorization)(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
-                r"[^\"'\\,\s}&]+"),
-     r"\1[REDACTED]"),
+    (
+        re.compile(
+            r"(?i)((?:password|passwd|secret|token|authorization)(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
+            r"[^\"'\\,\s}&]+"
+        ),
+        r"\1[REDACTED]",
+    ),
 )
 _TRIGGERS = ("eyj", "bearer", "pass", "secret", "token", "authoriz")
 

@@ -19,8 +19,10 @@ Why not concurrent-log-handler: it takes the flock, stats the file and re-reads 
 rollover time on every record, about 35 us a line, an eighth of a whole list-page request
 (measured); this handler's write is one system call.
 """
+
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import logging
@@ -29,18 +31,25 @@ import os
 import shutil
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
-    def __init__(self, filename: str, when: str = "midnight", interval: int = 1,
-                 backupCount: int = 0, utc: bool = True, encoding: str = "utf-8",  # noqa: N803
-                 gzip: bool = False, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        filename: str,
+        when: str = "midnight",
+        interval: int = 1,
+        backupCount: int = 0,  # noqa: N803 (the stdlib handler's name, so dictConfig passes it)
+        utc: bool = True,
+        encoding: str = "utf-8",
+        gzip: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         """`clock` says what time it is (seconds since the epoch); tests pass their own, so
         whether a record falls in the next period never depends on how fast the machine is."""
         existed = os.path.exists(filename)
-        super().__init__(filename, when=when, interval=interval, backupCount=backupCount,
-                         encoding=encoding, utc=utc)
+        super().__init__(filename, when=when, interval=interval, backupCount=backupCount, encoding=encoding, utc=utc)
         self.clock = clock
         if not existed:  # the stdlib took the new file's mtime, which is the real time
             self.rolloverAt = self.computeRollover(int(clock()))
@@ -70,7 +79,7 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
             data = (self.format(record) + "\n").encode(self.encoding, "backslashreplace")
             stream = self.stream
             while data:  # a regular file takes it in one write unless the disk is full
-                data = data[stream.write(data):]
+                data = data[stream.write(data) :]
         except Exception:
             self.handleError(record)
 
@@ -87,7 +96,7 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
             return False
         return True
 
-    def doRollover(self) -> None:
+    def doRollover(self) -> None:  # noqa: N802 (overrides the stdlib method)
         """Threads write without the lock, so one may still hold the old stream: it is retired,
         not closed, and closed at the next rotation (its lines land in the rotated file)."""
         with open(self.lock_path, "a") as lock:
@@ -125,9 +134,9 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
         os.rename(self.baseFilename, target)
         backups = self._backups()  # oldest first
         if self.backupCount > 0:
-            for path in backups[:-self.backupCount]:
+            for path in backups[: -self.backupCount]:
                 _remove(path)
-            backups = backups[-self.backupCount:]
+            backups = backups[-self.backupCount :]
         if self.gzip:
             older = [path for path in backups if path != target and not path.endswith(".gz")]
             if older:
@@ -136,9 +145,13 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
     def _backups(self) -> list[str]:
         """Rotated files (`<file>.<period>[.n][.gz]`), oldest first; the time stamp sorts."""
         directory, base = os.path.split(self.baseFilename)
-        return sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                      if name.startswith(base + ".") and not name.endswith(".tmp")
-                      and any(self.extMatch.match(part) for part in name.split(".")))
+        return sorted(
+            os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.startswith(base + ".")
+            and not name.endswith(".tmp")
+            and any(self.extMatch.match(part) for part in name.split("."))
+        )
 
 
 def _compress(paths: list[str]) -> None:
@@ -155,7 +168,5 @@ def _compress(paths: list[str]) -> None:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass

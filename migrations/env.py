@@ -3,6 +3,7 @@
 Logging is left to the app's configuration (no fileConfig here: it would replace the JSON
 handlers and silence existing loggers).
 """
+
 import logging
 
 from alembic import context
@@ -16,8 +17,9 @@ config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_passwo
 
 
 def run_migrations_offline():
-    context.configure(url=config.get_main_option("sqlalchemy.url"),
-                      target_metadata=target_db.metadata, literal_binds=True)
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"), target_metadata=target_db.metadata, literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -3,10 +3,11 @@
 `create_app` is the only entry point (`gunicorn "service:create_app()"`, `flask --app service`);
 it builds the app in named steps and nothing runs at import time.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Mapping
 
 from apiflask import APIFlask
 
@@ -22,8 +23,9 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
         settings = Settings.from_env(config)
     except SettingsError as exc:
         raise SystemExit(f"flaskapi-observability: configuration error: {exc}") from None
-    app = APIFlask(__name__, title="flaskapi-observability", version=settings.version,
-                   spec_path="/openapi.json", docs_path="/docs")
+    app = APIFlask(
+        __name__, title="flaskapi-observability", version=settings.version, spec_path="/openapi.json", docs_path="/docs"
+    )
     configure_logging(settings)
     configure(app, settings)
     register_request_context(app)
@@ -76,8 +78,10 @@ def configure(app: APIFlask, settings: Settings) -> None:
         HTTP_ERROR_SCHEMA=ERROR_SCHEMA,
         VALIDATION_ERROR_SCHEMA=ERROR_SCHEMA,
         SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-        INFO={"description": "Books API with JWT auth. Every error has the shape "
-                             '{"error": {"status", "code", "message", "details", "request_id"}}.'},
+        INFO={
+            "description": "Books API with JWT auth. Every error has the shape "
+            '{"error": {"status", "code", "message", "details", "request_id"}}.'
+        },
     )
 
 
@@ -116,8 +120,12 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
     @app.get("/")
     @app.doc(summary="Service index")
     def index():
-        return {"service": "flaskapi-observability", "version": settings.version,
-                "docs": "/docs", "openapi": "/openapi.json"}
+        return {
+            "service": "flaskapi-observability",
+            "version": settings.version,
+            "docs": "/docs",
+            "openapi": "/openapi.json",
+        }
 
 
 def register_request_guards(app: APIFlask) -> None:
@@ -148,7 +156,6 @@ def register_commands(app: APIFlask) -> None:
     app.cli.add_command(db_custom)
 
 
-
 def register_observability(app: APIFlask, settings: Settings) -> None:
     """HTTP and pool metrics (when a multiprocess metrics dir is set) and Sentry (when a DSN is).
     Before the request guards' hooks: a request they refuse (a body that is not JSON) is still
@@ -165,5 +172,4 @@ def trust_proxies(app: APIFlask, settings: Settings) -> None:
     if settings.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
-                                x_proto=settings.trusted_proxies)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)

@@ -3,6 +3,7 @@
 Books are streamed with COPY in chunks (hundreds of thousands of rows per second) from pools of
 Faker phrases; seeded users share one password hash, computed once, since hashing is the slow part.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import sys
 import click
 from faker import Faker
 from flask import current_app
-from psycopg2 import errors as pg_errors
 from flask.cli import AppGroup
+from psycopg2 import errors as pg_errors
 from sqlalchemy import text
 
 from service.extensions import db
@@ -37,13 +38,17 @@ def _copy_field(value: str) -> str:
 @db_custom.command("seed")
 @click.option("--users", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--books", default=1000, show_default=True, type=click.IntRange(min=0))
-@click.option("--password", default="seed-password", show_default=True,
-              help="Password of every seeded user (they are test accounts).")
+@click.option(
+    "--password",
+    default="seed-password",
+    show_default=True,
+    help="Password of every seeded user (they are test accounts).",
+)
 @click.option("--seed", "random_seed", default=None, type=int, help="Make the data repeatable.")
 def seed(users: int, books: int, password: str, random_seed: int | None) -> None:
     """Add USERS users and BOOKS books (owned by random seeded users)."""
     faker = Faker()
-    rng = random.Random(random_seed)
+    rng = random.Random(random_seed)  # noqa: S311 (reproducible demo data, not secrets)
     if random_seed is not None:
         Faker.seed(random_seed)
     password_hash = current_app.extensions["passwords"].hash(password)
@@ -65,16 +70,22 @@ def seed(users: int, books: int, password: str, random_seed: int | None) -> None
             conn.rollback()
             raise click.ClickException(
                 f"--seed {random_seed} was already used on this database (its users exist); "
-                "pick another --seed, or drop the data first") from None
+                "pick another --seed, or drop the data first"
+            ) from None
         cursor.execute("SELECT id FROM users WHERE email = ANY(%s)", (emails,))
         owner_ids = [row[0] for row in cursor.fetchall()]
-        with click.progressbar(length=books, label=f"Seeding {books} books",
-                               show_pos=True, file=sys.stderr) as bar:  # click 8.5 deprecates get_text_stream
+        with click.progressbar(
+            length=books, label=f"Seeding {books} books", show_pos=True, file=sys.stderr
+        ) as bar:  # click 8.5 deprecates get_text_stream
             remaining = books
             while remaining:
                 n = min(CHUNK, remaining)
-                lines = [f"{t}\t{a}\t{o}\n" for t, a, o in zip(
-                    rng.choices(titles, k=n), rng.choices(authors, k=n), rng.choices(owner_ids, k=n))]
+                lines = [
+                    f"{t}\t{a}\t{o}\n"
+                    for t, a, o in zip(
+                        rng.choices(titles, k=n), rng.choices(authors, k=n), rng.choices(owner_ids, k=n), strict=True
+                    )
+                ]
                 _copy(cursor, "books", "title, author, owner_id", lines)
                 remaining -= n
                 bar.update(n)

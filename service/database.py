@@ -12,6 +12,7 @@ the pool longer than DB_PING_IDLE_SECONDS: after a database restart those fail t
 are replaced before a request sees them, and connections that were in use during an outage
 were already invalidated by SQLAlchemy's disconnect handling. The service recovers by itself.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,9 +5,11 @@ tests need no system install yet never fall back to SQLite. The server listens o
 inside the data dir (no TCP port to collide with) and keeps running between commands, so the
 CLI, gunicorn and its workers all reach the same database; `make db-stop` stops it.
 """
+
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 from pathlib import Path
 
@@ -27,6 +29,9 @@ def server(pgdata: Path, cleanup_mode: str | None = None):
         return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
 
 
+_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
 def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE) -> str:
     """Start (or reuse) the server in `pgdata`, create `database` if missing, return its URI."""
     return create_database(server(pgdata), database)
@@ -34,7 +39,9 @@ def ensure_database(pgdata: Path, database: str = DEFAULT_DATABASE) -> str:
 
 def create_database(handle, database: str) -> str:
     """Create `database` on a running server unless it exists; return its SQLAlchemy URI."""
-    exists = handle.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if not _DATABASE_NAME.fullmatch(database):  # it is spliced into SQL below (psql takes no parameters)
+        raise ValueError(f"database name {database!r}: use lower-case letters, digits and _")
+    exists = handle.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608 (checked)
     if "(1 row)" not in exists:
         handle.psql(f'CREATE DATABASE "{database}";')
     return normalise_database_uri(handle.get_uri(database))

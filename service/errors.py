@@ -7,6 +7,7 @@ HTTP exceptions, validation errors, JWT failures, pool timeouts, database outage
 unexpected exceptions all leave through `error_response`, so a client (and a log reader) only
 ever has to understand one shape.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,14 +60,21 @@ ERROR_SCHEMA = {
 class APIError(HTTPError):
     """Raise anywhere in a request: becomes the JSON error shape with a machine-readable code."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None,
-                 details: Any = None, headers: dict | None = None) -> None:
-        super().__init__(status, message, detail=details or {}, headers=headers,
-                         extra_data={"code": code or CODES.get(status, "error")})
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, details: Any = None, headers: dict | None = None
+    ) -> None:
+        super().__init__(
+            status,
+            message,
+            detail=details or {},
+            headers=headers,
+            extra_data={"code": code or CODES.get(status, "error")},
+        )
 
 
-def error_response(status: int, message: str, *, code: str | None = None,
-                   details: Any = None, headers: dict | None = None) -> Response:
+def error_response(
+    status: int, message: str, *, code: str | None = None, details: Any = None, headers: dict | None = None
+) -> Response:
     body = {
         "status": status,
         "code": code or CODES.get(status, "error"),
@@ -98,29 +106,39 @@ def _from_http_error(error: HTTPError) -> Response:
         message = f"Request body is larger than the {limit} bytes allowed"
     headers = dict(error.headers or {})
     headers.pop("Content-Type", None)
-    return error_response(status, message, code=error.extra_data.get("code"),
-                          details=error.detail, headers=headers)
+    return error_response(status, message, code=error.extra_data.get("code"), details=error.detail, headers=headers)
 
 
 def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
     timeout = current_app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_timeout"]
     waited = time.perf_counter() - g.get("request_started", time.perf_counter())
-    log.warning("db pool exhausted: no connection within %.1fs (request waited %.2fs)", timeout, waited,
-                extra={"event": "db_pool_timeout", "pool_timeout_s": timeout, "waited_s": round(waited, 3)})
-    return error_response(503, "The service is saturated: no database connection was free; retry shortly",
-                          code="db_pool_exhausted",
-                          headers={"Retry-After": str(max(1, math.ceil(timeout)))})
+    log.warning(
+        "db pool exhausted: no connection within %.1fs (request waited %.2fs)",
+        timeout,
+        waited,
+        extra={"event": "db_pool_timeout", "pool_timeout_s": timeout, "waited_s": round(waited, 3)},
+    )
+    return error_response(
+        503,
+        "The service is saturated: no database connection was free; retry shortly",
+        code="db_pool_exhausted",
+        headers={"Retry-After": str(max(1, math.ceil(timeout)))},
+    )
 
 
 def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
     if isinstance(getattr(exc, "orig", None), QueryCanceled):  # DB_STATEMENT_TIMEOUT_MS passed
         log.warning("database statement timed out", extra={"event": "db_statement_timeout"})
-        return error_response(503, "The database did not answer in time; retry shortly",
-                              code="database_timeout", headers={"Retry-After": "2"})
-    log.error("database unavailable: %s", type(exc).__name__, exc_info=exc,
-              extra={"event": "db_unavailable"})
-    return error_response(503, "The database is unavailable; retry shortly",
-                          code="database_unavailable", headers={"Retry-After": "2"})
+        return error_response(
+            503,
+            "The database did not answer in time; retry shortly",
+            code="database_timeout",
+            headers={"Retry-After": "2"},
+        )
+    log.error("database unavailable: %s", type(exc).__name__, exc_info=exc, extra={"event": "db_unavailable"})
+    return error_response(
+        503, "The database is unavailable; retry shortly", code="database_unavailable", headers={"Retry-After": "2"}
+    )
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -151,6 +169,7 @@ JWT_ERRORS = (
 def register_jwt_errors(jwt) -> None:
     """flask-jwt-extended answers with its own body by default; route every case to ours."""
     for callback, message, code in JWT_ERRORS:
+
         def answer(*_args, _message=message, _code=code):
             return error_response(401, _message, code=_code)
 

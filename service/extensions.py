@@ -1,4 +1,5 @@
 """Unbound extension instances; `create_app` binds them. No imports of our own modules here."""
+
 from flask_jwt_extended import JWTManager
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy

@@ -1,5 +1,6 @@
 """Request guards: before_request checks that refuse a request before any view runs, answered
 in the one error shape (errors.py)."""
+
 from __future__ import annotations
 
 from flask import Response, request
@@ -14,8 +15,9 @@ def require_json_body() -> Response | None:
     if request.method not in BODY_METHODS or request.url_rule is None:
         return None
     if request.mimetype != "application/json":
-        return error_response(415, "Content-Type must be application/json",
-                              details={"content_type": request.mimetype or None})
+        return error_response(
+            415, "Content-Type must be application/json", details={"content_type": request.mimetype or None}
+        )
     try:
         request.get_json()
     except Exception as exc:  # werkzeug's BadRequest for undecodable JSON, or 413 for huge bodies

@@ -1,4 +1,5 @@
 """Liveness and readiness: `/healthz` never touches the database, `/readyz` only does."""
+
 from __future__ import annotations
 
 from apiflask import APIBlueprint
@@ -24,6 +25,11 @@ def readyz():
         with db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return error_response(503, "The database is unreachable", code="not_ready",
-                              details={"database": type(exc).__name__}, headers={"Retry-After": "2"})
+        return error_response(
+            503,
+            "The database is unreachable",
+            code="not_ready",
+            details={"database": type(exc).__name__},
+            headers={"Retry-After": "2"},
+        )
     return {"status": "ready", "database": "ok"}

@@ -1,4 +1,5 @@
 """Tables. Queries live in each blueprint's `queries.py`, not here."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -21,9 +22,7 @@ class User(db.Model):
     # Stored normalised (stripped, lower-case), so the unique index is the whole uniqueness rule.
     email: Mapped[str] = mapped_column(String(EMAIL_MAX), unique=True, nullable=False)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
 class Book(db.Model):
@@ -32,12 +31,8 @@ class Book(db.Model):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     title: Mapped[str] = mapped_column(String(TITLE_MAX), nullable=False)
     author: Mapped[str | None] = mapped_column(String(AUTHOR_MAX), nullable=True)
-    owner_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False
-    )
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    owner_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), onupdate=func.now()
     )

@@ -5,6 +5,7 @@ a JSON body can also answer 400 (unreadable JSON), 413 (too large) and 415 (not 
 validation runs, bodies are required, PATCH needs at least one field, and book ids are 64-bit
 positive integers (the custom path converter is documented as a string by default).
 """
+
 from __future__ import annotations
 
 from apiflask import APIFlask
@@ -20,7 +21,7 @@ ERROR_REF = {"$ref": "#/components/schemas/HTTPError"}
 def register_spec_processor(app: APIFlask, *, max_id: int) -> None:
     @app.spec_processor
     def _correct(spec: dict) -> dict:
-        for path, operations in spec.get("paths", {}).items():
+        for _path, operations in spec.get("paths", {}).items():
             for operation in operations.values():
                 if not isinstance(operation, dict):
                     continue
@@ -28,10 +29,13 @@ def register_spec_processor(app: APIFlask, *, max_id: int) -> None:
                 if body is not None:
                     body["required"] = True
                     for status, description in BODY_ERRORS.items():
-                        operation["responses"].setdefault(status, {
-                            "description": description,
-                            "content": {"application/json": {"schema": ERROR_REF}},
-                        })
+                        operation["responses"].setdefault(
+                            status,
+                            {
+                                "description": description,
+                                "content": {"application/json": {"schema": ERROR_REF}},
+                            },
+                        )
                 for parameter in operation.get("parameters", []):
                     if parameter.get("in") == "path" and parameter.get("name") == "book_id":
                         parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": max_id}

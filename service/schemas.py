@@ -1,4 +1,5 @@
 """Field types shared by the request schemas: limits every string a client can send."""
+
 from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate
@@ -17,9 +18,11 @@ def text(*, min_length: int, max_length: int, **kwargs) -> fields.String:
     """A string with length bounds that is always safe to store: Postgres text cannot hold NUL
     (the Regexp, which also documents the rule as an OpenAPI `pattern`), nor lone surrogates."""
     return fields.String(
-        validate=[validate.Length(min=min_length, max=max_length),
-                  validate.Regexp("^[^\x00]*$", error="Must not contain NUL characters."),
-                  _encodable],
+        validate=[
+            validate.Length(min=min_length, max=max_length),
+            validate.Regexp("^[^\x00]*$", error="Must not contain NUL characters."),
+            _encodable,
+        ],
         **kwargs,
     )
 

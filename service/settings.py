@@ -4,13 +4,14 @@ Every knob has a default that is safe in production, or no default where one wou
 (`JWT_SECRET_KEY` and `DB_URI` must be given in production). `Settings.from_env` is the only
 place that reads configuration; the rest of the service receives a `Settings`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from dotenv import dotenv_values
 
@@ -56,8 +57,7 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
     return _number(env, name, default, minimum, float, "a number")
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...],
-            *, upper: bool = True) -> str:
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], *, upper: bool = True) -> str:
     value = env.get(name) or default
     value = value.upper() if upper else value
     if value not in allowed:
@@ -68,9 +68,9 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
 def normalise_database_uri(uri: str) -> str:
     """Accept the `postgres://` spelling many hosts hand out; SQLAlchemy wants `postgresql`."""
     if uri.startswith("postgres://"):
-        uri = "postgresql://" + uri[len("postgres://"):]
+        uri = "postgresql://" + uri[len("postgres://") :]
     if uri.startswith("postgresql://"):
-        uri = "postgresql+psycopg2://" + uri[len("postgresql://"):]
+        uri = "postgresql+psycopg2://" + uri[len("postgresql://") :]
     return uri
 
 
@@ -132,13 +132,18 @@ class Settings:
         import logging_conf
 
         return logging_conf.build(
-            level=self.log_level, log_dir=self.log_dir, filename=self.log_file,
-            when=self.log_rotate_when, interval=self.log_rotate_interval,
-            backup_count=self.log_backup_count, gzip=self.log_gzip, console=self.log_console,
+            level=self.log_level,
+            log_dir=self.log_dir,
+            filename=self.log_file,
+            when=self.log_rotate_when,
+            interval=self.log_rotate_interval,
+            backup_count=self.log_backup_count,
+            gzip=self.log_gzip,
+            console=self.log_console,
         )
 
     @classmethod
-    def from_env(cls, overrides: Mapping[str, object] | None = None) -> "Settings":
+    def from_env(cls, overrides: Mapping[str, object] | None = None) -> Settings:
         env = read_environment(overrides)
         flask_env = (env.get("FLASK_ENV") or "production").strip().lower()
         if flask_env not in ENVIRONMENTS:
@@ -191,12 +196,13 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             # Files by default (the lesson wrote logs/ in production); in-process tests keep to
             # stderr unless they name a LOG_DIR.
-            log_dir=(Path(env.get("LOG_DIR") or PROJECT_ROOT / "logs")
-                     if _bool(env, "LOG_TO_FILE", flask_env != "testing" or bool(env.get("LOG_DIR")))
-                     else None),
+            log_dir=(
+                Path(env.get("LOG_DIR") or PROJECT_ROOT / "logs")
+                if _bool(env, "LOG_TO_FILE", flask_env != "testing" or bool(env.get("LOG_DIR")))
+                else None
+            ),
             log_file=env.get("LOG_FILE") or "app.log",
-            log_rotate_when=_choice(env, "LOG_ROTATE_WHEN", "midnight",
-                                    ("midnight", "S", "M", "H", "D"), upper=False),
+            log_rotate_when=_choice(env, "LOG_ROTATE_WHEN", "midnight", ("midnight", "S", "M", "H", "D"), upper=False),
             log_rotate_interval=_int(env, "LOG_ROTATE_INTERVAL", 1, minimum=1),
             log_backup_count=_int(env, "LOG_BACKUP_COUNT", 14, minimum=0),
             log_gzip=_bool(env, "LOG_GZIP", False),

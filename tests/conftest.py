@@ -1,4 +1,5 @@
 """Fixtures: one real Postgres per test session, an app per test, tables emptied after each."""
+
 from __future__ import annotations
 
 import shutil
@@ -63,10 +64,15 @@ def app_database(postgres):
     return name, role_uri(postgres, name)
 
 
-
 def base_config(uri: str, data_dir: Path, **extra) -> dict:
-    return {"FLASK_ENV": "testing", "DB_URI": uri, "JWT_SECRET_KEY": TEST_SECRET,
-            "DATA_DIR": str(data_dir), **FAST_HASHING, **extra}
+    return {
+        "FLASK_ENV": "testing",
+        "DB_URI": uri,
+        "JWT_SECRET_KEY": TEST_SECRET,
+        "DATA_DIR": str(data_dir),
+        **FAST_HASHING,
+        **extra,
+    }
 
 
 @pytest.fixture

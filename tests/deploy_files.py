@@ -1,6 +1,7 @@
 """The deployment files, found and read the way their own tools read them (systemd's unit
 format, python-dotenv, the Dockerfile's instructions, compose's YAML), and create_db.sql run as
 an operator runs it; shared by the test_deploy_* files."""
+
 from __future__ import annotations
 
 import re
@@ -26,6 +27,7 @@ DB_PASSWORD = "deploy-test-password-0123456789"
 
 
 # --- systemd units ----------------------------------------------------------------------------
+
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     """systemd's format: sections, repeatable keys (order kept), `#`/`;` comments."""
@@ -61,6 +63,7 @@ def unit_environment(unit: dict) -> dict[str, str]:
 
 # --- env.example and the settings table of docs/settings.md ----------------------------------------------
 
+
 def env_example_names() -> list[str]:
     """Names set (`NAME=`) or documented with their default (`#NAME=`) in env.example."""
     return re.findall(r"^#?([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), flags=re.M)
@@ -83,13 +86,14 @@ def documented_settings() -> set[str]:
 
 # --- the Dockerfile and the compose file ------------------------------------------------------
 
+
 def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
     """{stage: [(INSTRUCTION, arguments)]} with line continuations joined."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     stages: dict[str, list[tuple[str, str]]] = {}
     current: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         instruction, _, args = line.partition(" ")
@@ -126,6 +130,7 @@ def compose() -> dict:
 
 
 # --- create_db.sql ------------------------------------------------------------------------------
+
 
 def role_uri(handle, database: str, password: str = DB_PASSWORD) -> str:
     uri = handle.get_uri(database)

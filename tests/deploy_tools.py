@@ -5,6 +5,7 @@ showing what they printed.
 Needs systemd-analyze (systemd), nginx, shellcheck, docker-compose and prometheus/promtool
 (`apt-get install --no-install-recommends systemd nginx shellcheck docker-compose prometheus`).
 """
+
 from __future__ import annotations
 
 import shlex
@@ -18,23 +19,37 @@ import pytest
 
 VENV_BIN = Path(sys.executable).parent  # stands in for the deployment's /opt/flaskapi/venv/bin
 
-APT = {"systemd-analyze": "systemd", "nginx": "nginx", "shellcheck": "shellcheck",
-       "docker-compose": "docker-compose", "promtool": "prometheus", "prometheus": "prometheus"}
+APT = {
+    "systemd-analyze": "systemd",
+    "nginx": "nginx",
+    "shellcheck": "shellcheck",
+    "docker-compose": "docker-compose",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+}
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name) or next((str(p) for d in ("/usr/sbin", "/usr/bin", "/sbin")
-                                       if (p := Path(d) / name).exists()), None)
+    path = shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/usr/bin", "/sbin") if (p := Path(d) / name).exists()), None
+    )
     if path is None:
-        pytest.fail(f"`{name}` not found: install it with `apt-get install --no-install-recommends "
-                    f"{APT[name]}` (Debian/Ubuntu). The CI script must install it.", pytrace=False)
+        pytest.fail(
+            f"`{name}` not found: install it with `apt-get install --no-install-recommends "
+            f"{APT[name]}` (Debian/Ubuntu). The CI script must install it.",
+            pytrace=False,
+        )
     return path
 
 
 def run(args: list[str], *, timeout: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    result = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
     if check:
-        assert result.returncode == 0, f"{shlex.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        assert result.returncode == 0, (
+            f"{shlex.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 

@@ -1,4 +1,5 @@
 """Registration and login against the real database: status codes, bodies, what is stored."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,10 +10,10 @@ from service.extensions import db
 
 
 def users_rows(app) -> list[dict]:
-    with app.app_context():
-        with db.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(
-                text("SELECT id, email, password_hash FROM users ORDER BY id")).mappings()]
+    with app.app_context(), db.engine.connect() as conn:
+        return [
+            dict(r) for r in conn.execute(text("SELECT id, email, password_hash FROM users ORDER BY id")).mappings()
+        ]
 
 
 def register(client, email="reader@example.com", password="secret"):
@@ -24,6 +25,7 @@ def login_response(client, email="reader@example.com", password="secret"):
 
 
 # --- register ------------------------------------------------------------------------------
+
 
 def test_register_returns_201_with_public_fields_only(app, client):
     response = register(client)
@@ -66,18 +68,21 @@ def test_register_duplicate_with_different_case_is_409(app, client):
     assert len(users_rows(app)) == 1
 
 
-@pytest.mark.parametrize("payload, field", [
-    ({"email": "not-an-email", "password": "secret"}, "email"),
-    ({"email": "", "password": "secret"}, "email"),
-    ({"email": "a" * 250 + "@x.io", "password": "secret"}, "email"),
-    ({"email": 5, "password": "secret"}, "email"),
-    ({"email": "reader@example.com", "password": "12345"}, "password"),
-    ({"email": "reader@example.com", "password": "x" * 129}, "password"),
-    ({"email": "reader@example.com", "password": "secret\x00"}, "password"),
-    ({"email": "reader@example.com", "password": "secret", "is_admin": True}, "is_admin"),
-    ({"password": "secret"}, "email"),
-    ({"email": "reader@example.com"}, "password"),
-])
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"email": "not-an-email", "password": "secret"}, "email"),
+        ({"email": "", "password": "secret"}, "email"),
+        ({"email": "a" * 250 + "@x.io", "password": "secret"}, "email"),
+        ({"email": 5, "password": "secret"}, "email"),
+        ({"email": "reader@example.com", "password": "12345"}, "password"),
+        ({"email": "reader@example.com", "password": "x" * 129}, "password"),
+        ({"email": "reader@example.com", "password": "secret\x00"}, "password"),
+        ({"email": "reader@example.com", "password": "secret", "is_admin": True}, "is_admin"),
+        ({"password": "secret"}, "email"),
+        ({"email": "reader@example.com"}, "password"),
+    ],
+)
 def test_register_invalid_input_is_422_and_writes_nothing(app, client, payload, field):
     response = client.post("/auth/register", json=payload)
     assert response.status_code == 422
@@ -101,6 +106,7 @@ def test_password_length_bounds_are_inclusive(client):
 
 
 # --- login ---------------------------------------------------------------------------------
+
 
 def test_login_returns_token(app, client):
     register(client)
@@ -156,6 +162,7 @@ def test_token_identity_is_the_user(app, client):
 
 # --- what is stored ------------------------------------------------------------------------
 
+
 def test_password_is_stored_as_argon2id_hash(app, client):
     register(client, password="correct horse")
     [row] = users_rows(app)
@@ -207,6 +214,7 @@ def test_wrong_password_does_not_rehash(make_app):
 
 # --- no database connection held while hashing ---------------------------------------------
 
+
 @pytest.fixture
 def pool_observer(monkeypatch):
     """Wrap Passwords.hash/verify to record how many pool connections are checked out at the
@@ -256,8 +264,7 @@ def test_single_connection_pool_serves_register_login_and_books(make_app):
     for i in range(3):
         assert register(client, email=f"u{i}@example.com").status_code == 201
         token = login_response(client, email=f"u{i}@example.com").get_json()["token"]
-        response = client.post("/books", json={"title": f"Book {i}"},
-                               headers={"Authorization": f"Bearer {token}"})
+        response = client.post("/books", json={"title": f"Book {i}"}, headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 201
     assert len(client.get("/books").get_json()["items"]) == 3
     with app.app_context():

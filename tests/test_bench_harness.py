@@ -1,5 +1,6 @@
 """The benchmark harness itself works (the figures live in `make bench`, not here): its load
 runner, its crash-recovery probe and its verdicts. Speed is not asserted."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,12 @@ def test_locust_runner_plays_the_lesson_user_and_counts_generator_cpu(bench_stac
     names = [name for _, name, _, _ in result["records"]]
     # every user registers and logs in on start, then runs the lesson's tasks
     assert names.count("POST /auth/register") == 6 and names.count("POST /auth/login") == 6
-    assert set(names) - {"POST /auth/register", "POST /auth/login"} <= \
-        {"GET /books/", "POST /books/", "PUT /books/<id>", "DELETE /books/<id>"}
+    assert set(names) - {"POST /auth/register", "POST /auth/login"} <= {
+        "GET /books/",
+        "POST /books/",
+        "PUT /books/<id>",
+        "DELETE /books/<id>",
+    }
     assert result["failures"] == 0 and result["requests"] == len(names)
     assert 0 < result["generator_cpu_pct"] <= 200
 
@@ -39,8 +44,7 @@ def test_wrk_runner_reports_what_the_server_stored(bench_stack, tmp_path):
     lesson user's books have other titles)."""
     uri, stack = bench_stack
     listed = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="list", connections=4)
-    created = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="create", connections=4,
-                      token=run.login(stack.url))
+    created = run.wrk(stack.url, seconds=1, workdir=tmp_path, tag="create", connections=4, token=run.login(stack.url))
     # How many requests fit in the second is the machine's speed: only that some were answered.
     assert listed["requests"] > 0 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
     assert listed["rps"] == round(listed["requests"] / listed["seconds"], 1)
@@ -63,8 +67,14 @@ def test_wrk_output_with_failures_is_parsed():
   Non-2xx or 3xx responses: 4
 Requests/sec:    500.00
 """
-    assert run.parse_wrk(output) == {"requests": 1000, "failures": 10, "seconds": 2.0, "rps": 500.0,
-                                     "p50_ms": 0.81, "p99_ms": 1200.0}
+    assert run.parse_wrk(output) == {
+        "requests": 1000,
+        "failures": 10,
+        "seconds": 2.0,
+        "rps": 500.0,
+        "p50_ms": 0.81,
+        "p99_ms": 1200.0,
+    }
 
 
 def test_crash_recovery_probe_measures_a_real_restart(migrated_database, tmp_path):
@@ -79,24 +89,38 @@ def test_verdicts_compare_ratios_from_one_run_with_the_targets():
     endpoint = {"requests": 10, "p50_ms": 5.0, "p95_ms": 80.0, "p99_ms": 150.0}
 
     def side(list_rounds, create_rounds):
-        return {"list_rps": sum(list_rounds) / len(list_rounds), "list_round_rps": list_rounds,
-                "create_rps": sum(create_rounds) / len(create_rounds), "create_round_rps": create_rounds}
+        return {
+            "list_rps": sum(list_rounds) / len(list_rounds),
+            "list_round_rps": list_rounds,
+            "create_rps": sum(create_rounds) / len(create_rounds),
+            "create_round_rps": create_rounds,
+        }
 
     results = {
-        "lesson": {"users": 10, "requests": 100, "rps": 5.0, "failures": 0, "generator_cpu_pct": 3.0,
-                   "endpoints": {"GET /books/": endpoint, "POST /auth/login": {**endpoint, "p95_ms": 310.0}}},
-        "saturation": {"stack": side([1000.0] * 3, [600.0] * 3),
-                       "flask_run": side([400.0] * 3, [300.0] * 3),
-                       "reference": side([1500.0] * 3, [1200.0] * 3)},
+        "lesson": {
+            "users": 10,
+            "requests": 100,
+            "rps": 5.0,
+            "failures": 0,
+            "generator_cpu_pct": 3.0,
+            "endpoints": {"GET /books/": endpoint, "POST /auth/login": {**endpoint, "p95_ms": 310.0}},
+        },
+        "saturation": {
+            "stack": side([1000.0] * 3, [600.0] * 3),
+            "flask_run": side([400.0] * 3, [300.0] * 3),
+            "reference": side([1500.0] * 3, [1200.0] * 3),
+        },
         # one spoiled round: the median of the paired ratios decides, not the totals
-        "observability": {"on": side([900.0, 100.0, 920.0], [500.0] * 3),
-                          "off": side([1000.0] * 3, [600.0] * 3)},
-        "growth": {size: {page: {"p50_ms": ms} for page in ("first_page", "middle_page")}
-                   for size, ms in (("1000", 1.0), ("100000", 1.1), ("1000000", 1.4))},
+        "observability": {"on": side([900.0, 100.0, 920.0], [500.0] * 3), "off": side([1000.0] * 3, [600.0] * 3)},
+        "growth": {
+            size: {page: {"p50_ms": ms} for page in ("first_page", "middle_page")}
+            for size, ms in (("1000", 1.0), ("100000", 1.1), ("1000000", 1.4))
+        },
         "crash": {"crashes": 5, "median_ms": 20.0, "max_ms": 30.0},
     }
-    rows = {figure.replace(" (median of rounds)", ""): (value, verdict)
-            for figure, value, verdict in run.table(results)}
+    rows = {
+        figure.replace(" (median of rounds)", ""): (value, verdict) for figure, value, verdict in run.table(results)
+    }
     assert rows["1 GET /books/"][1].endswith("HOLDS")
     assert rows["1 POST /auth/login"][1] == "p95 <= 300 ms: MISSED"
     assert rows["2 list: stack / flask run"] == ("2.50x", ">= 2.5x: HOLDS")

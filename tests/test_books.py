@@ -1,4 +1,5 @@
 """Books CRUD, keyset pagination and input limits against the real database."""
+
 from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
@@ -10,16 +11,19 @@ from service.extensions import db
 
 
 def count_books(app) -> int:
-    with app.app_context():
-        with db.engine.connect() as conn:
-            return conn.execute(text("SELECT count(*) FROM books")).scalar_one()
+    with app.app_context(), db.engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM books")).scalar_one()
 
 
 def book_row(app, book_id: int) -> dict | None:
-    with app.app_context():
-        with db.engine.connect() as conn:
-            row = conn.execute(text("SELECT id, title, author, owner_id, updated_at FROM books WHERE id = :id"),
-                               {"id": book_id}).mappings().first()
+    with app.app_context(), db.engine.connect() as conn:
+        row = (
+            conn.execute(
+                text("SELECT id, title, author, owner_id, updated_at FROM books WHERE id = :id"), {"id": book_id}
+            )
+            .mappings()
+            .first()
+        )
     return dict(row) if row else None
 
 
@@ -43,14 +47,14 @@ def book(client, owner):
 def create_books(client, headers, n: int) -> list[int]:
     ids = []
     for i in range(n):
-        response = client.post("/books", json={"title": f"Book {i:02d}", "author": f"Author {i}"},
-                               headers=headers)
+        response = client.post("/books", json={"title": f"Book {i:02d}", "author": f"Author {i}"}, headers=headers)
         assert response.status_code == 201
         ids.append(response.get_json()["id"])
     return ids
 
 
 # --- list / read / create ------------------------------------------------------------------
+
 
 def test_list_empty(client):
     response = client.get("/books")
@@ -70,9 +74,8 @@ def test_list_with_and_without_slash_no_redirect(client, book, path):
 def test_create_returns_201_with_id_and_owner(app, client, login):
     email = "creator@example.com"
     headers = login(email, "creator-password")
-    with app.app_context():
-        with db.engine.connect() as conn:
-            user_id = conn.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email}).scalar_one()
+    with app.app_context(), db.engine.connect() as conn:
+        user_id = conn.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email}).scalar_one()
     response = client.post("/books", json={"title": "Dune", "author": "Frank Herbert"}, headers=headers)
     assert response.status_code == 201
     body = response.get_json()
@@ -127,6 +130,7 @@ def test_largest_bigint_id_is_a_plain_404(client, owner):
 
 # --- pagination ----------------------------------------------------------------------------
 
+
 def test_default_page_size_is_20(client, owner):
     ids = create_books(client, owner, 25)
     response = client.get("/books")
@@ -162,12 +166,12 @@ def test_limit_walks_all_pages_newest_first(client, owner):
         else:
             link = response.headers["Link"]
             assert link.endswith('>; rel="next"')
-            target = urlsplit(link[1:link.index(">")])
+            target = urlsplit(link[1 : link.index(">")])
             assert target.path in ("/books", "/books/")
             assert parse_qs(target.query) == {"cursor": [str(body["next_cursor"])], "limit": ["10"]}
             url = f"/books?limit=10&cursor={body['next_cursor']}"
             # following the Link header gives the same page as the cursor
-            assert client.get(link[1:link.index(">")]).get_json() == client.get(url).get_json()
+            assert client.get(link[1 : link.index(">")]).get_json() == client.get(url).get_json()
     assert [len(p["items"]) for p in pages] == [10, 10, 5]
     assert pages[-1]["next_cursor"] is None
     assert seen == sorted(ids, reverse=True)  # newest first, no duplicates, no gaps
@@ -192,20 +196,23 @@ def test_cursor_excludes_books_created_after_it(client, owner):
     assert [i["id"] for i in rest["items"]] == [3, 2, 1]
 
 
-@pytest.mark.parametrize("query, field", [
-    ("limit=0", "limit"),
-    ("limit=101", "limit"),
-    ("limit=-5", "limit"),
-    ("limit=abc", "limit"),
-    ("limit=", "limit"),
-    ("cursor=0", "cursor"),
-    ("cursor=-1", "cursor"),
-    ("cursor=abc", "cursor"),
-    (f"cursor={10**30}", "cursor"),
-    (f"cursor={2**63}", "cursor"),
-    ("page=2", "page"),
-    ("offset=10", "offset"),
-])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=-5", "limit"),
+        ("limit=abc", "limit"),
+        ("limit=", "limit"),
+        ("cursor=0", "cursor"),
+        ("cursor=-1", "cursor"),
+        ("cursor=abc", "cursor"),
+        (f"cursor={10**30}", "cursor"),
+        (f"cursor={2**63}", "cursor"),
+        ("page=2", "page"),
+        ("offset=10", "offset"),
+    ],
+)
 def test_bad_query_is_422(client, query, field):
     response = client.get(f"/books?{query}")
     assert response.status_code == 422
@@ -222,6 +229,7 @@ def test_limit_bounds_are_inclusive(client, owner):
 
 
 # --- update / delete -----------------------------------------------------------------------
+
 
 def test_put_by_owner_replaces_fields(app, client, owner, book):
     response = client.put(f"/books/{book['id']}", json={"title": "Dune Messiah"}, headers=owner)
@@ -274,11 +282,14 @@ def test_patch_empty_is_422(app, client, owner, book):
     assert book_row(app, book["id"]) == before
 
 
-@pytest.mark.parametrize("method, payload", [
-    ("PUT", {"title": "Hijacked", "author": "Mallory"}),
-    ("PATCH", {"title": "Hijacked"}),
-    ("DELETE", None),
-])
+@pytest.mark.parametrize(
+    "method, payload",
+    [
+        ("PUT", {"title": "Hijacked", "author": "Mallory"}),
+        ("PATCH", {"title": "Hijacked"}),
+        ("DELETE", None),
+    ],
+)
 def test_other_user_cannot_change_book(app, client, book, stranger, method, payload):
     before = book_row(app, book["id"])
     response = client.open(f"/books/{book['id']}", method=method, json=payload, headers=stranger)
@@ -287,11 +298,14 @@ def test_other_user_cannot_change_book(app, client, book, stranger, method, payl
     assert book_row(app, book["id"]) == before
 
 
-@pytest.mark.parametrize("method, payload", [
-    ("PUT", {"title": "Ghost"}),
-    ("PATCH", {"title": "Ghost"}),
-    ("DELETE", None),
-])
+@pytest.mark.parametrize(
+    "method, payload",
+    [
+        ("PUT", {"title": "Ghost"}),
+        ("PATCH", {"title": "Ghost"}),
+        ("DELETE", None),
+    ],
+)
 def test_change_missing_book_is_404(app, client, owner, method, payload):
     response = client.open("/books/424242", method=method, json=payload, headers=owner)
     assert response.status_code == 404
@@ -299,12 +313,15 @@ def test_change_missing_book_is_404(app, client, owner, method, payload):
     assert count_books(app) == 0
 
 
-@pytest.mark.parametrize("method, payload", [
-    ("POST", {"title": "Anonymous"}),
-    ("PUT", {"title": "Anonymous"}),
-    ("PATCH", {"title": "Anonymous"}),
-    ("DELETE", None),
-])
+@pytest.mark.parametrize(
+    "method, payload",
+    [
+        ("POST", {"title": "Anonymous"}),
+        ("PUT", {"title": "Anonymous"}),
+        ("PATCH", {"title": "Anonymous"}),
+        ("DELETE", None),
+    ],
+)
 def test_writes_need_a_token(app, client, book, method, payload):
     path = "/books" if method == "POST" else f"/books/{book['id']}"
     before = book_row(app, book["id"])
@@ -325,19 +342,23 @@ def test_delete_then_404(app, client, owner, book):
 
 # --- field limits --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("payload", [
-    {"title": ""},
-    {"title": "x" * 201},
-    {"title": "ok", "author": ""},
-    {"title": "ok", "author": "a" * 201},
-    {"title": None},
-    {"title": 42},
-    {"author": "No title"},
-    {"title": "ok", "owner_id": 99},
-    {"title": "ok", "id": 7},
-    {"title": "a\x00b"},
-    {"title": "ok", "author": "\x00"},
-])
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"title": ""},
+        {"title": "x" * 201},
+        {"title": "ok", "author": ""},
+        {"title": "ok", "author": "a" * 201},
+        {"title": None},
+        {"title": 42},
+        {"author": "No title"},
+        {"title": "ok", "owner_id": 99},
+        {"title": "ok", "id": 7},
+        {"title": "a\x00b"},
+        {"title": "ok", "author": "\x00"},
+    ],
+)
 def test_create_invalid_is_422_and_writes_nothing(app, client, owner, payload):
     response = client.post("/books", json=payload, headers=owner)
     assert response.status_code == 422
@@ -359,11 +380,14 @@ def test_unicode_round_trips(app, client, owner):
     assert client.get(f"/books/{response.get_json()['id']}").get_json()["title"] == title
 
 
-@pytest.mark.parametrize("raw", [
-    '{"title": "\\ud800"}',
-    '{"title": "ok", "author": "\\udfff"}',
-    '{"title": "a\\u0000b"}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"title": "\\ud800"}',
+        '{"title": "ok", "author": "\\udfff"}',
+        '{"title": "a\\u0000b"}',
+    ],
+)
 def test_unstorable_text_in_raw_json_is_422(app, client, owner, raw):
     response = client.post("/books", data=raw, content_type="application/json", headers=owner)
     assert response.status_code == 422
@@ -374,7 +398,12 @@ def test_unstorable_text_in_raw_json_is_422(app, client, owner, raw):
 @pytest.mark.parametrize("method", ["PUT", "PATCH"])
 def test_unstorable_text_in_update_is_422_and_row_unchanged(app, client, owner, book, method):
     before = book_row(app, book["id"])
-    response = client.open(f"/books/{book['id']}", method=method, data='{"title": "\\ud800"}',
-                           content_type="application/json", headers=owner)
+    response = client.open(
+        f"/books/{book['id']}",
+        method=method,
+        data='{"title": "\\ud800"}',
+        content_type="application/json",
+        headers=owner,
+    )
     assert response.status_code == 422
     assert book_row(app, book["id"]) == before

@@ -8,6 +8,7 @@
 The app is found through the repo's .flaskenv (FLASK_APP=service), as for the user. Every
 process runs in its own session and is stopped by PID with timeouts.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,12 +19,11 @@ import pytest
 import requests
 from sqlalchemy import create_engine, inspect, text
 
-from service import devdb
-
 from bench.harness.commands import run_command
 from bench.harness.environment import free_port
 from bench.harness.polling import wait_for
 from bench.harness.process import ManagedProcess
+from service import devdb
 
 pytestmark = pytest.mark.stack
 
@@ -35,11 +35,16 @@ def cli_env(postgres, tmp_path_factory) -> dict[str, str]:
     """DB_URI of a fresh database and FLASK_ENV=development; data and logs kept out of the repo."""
     data_dir = tmp_path_factory.mktemp("cli")
     uri = devdb.create_database(postgres, "test_cli")
-    dropped = ("FLASK_APP", "FLASK_DEBUG", "FLASK_RUN_PORT", "FLASK_RUN_HOST", "JWT_SECRET_KEY",
-               "PROMETHEUS_MULTIPROC_DIR")
+    dropped = (
+        "FLASK_APP",
+        "FLASK_DEBUG",
+        "FLASK_RUN_PORT",
+        "FLASK_RUN_HOST",
+        "JWT_SECRET_KEY",
+        "PROMETHEUS_MULTIPROC_DIR",
+    )
     env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env.update(DB_URI=uri, FLASK_ENV="development", DATA_DIR=str(data_dir),
-               LOG_DIR=str(data_dir / "logs"))
+    env.update(DB_URI=uri, FLASK_ENV="development", DATA_DIR=str(data_dir), LOG_DIR=str(data_dir / "logs"))
     return env
 
 
@@ -48,8 +53,7 @@ def flask(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.C
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, \
-        f"{result.args}: exit {result.returncode}\n{result.stdout}"
+    assert result.returncode == 0, f"{result.args}: exit {result.returncode}\n{result.stdout}"
     return result
 
 
@@ -103,14 +107,16 @@ def test_upgrade_seed_drop_upgrade(cli_env):
         assert db.scalar("SELECT count(*) FROM books") == 0
 
 
-
-
 def test_flask_run_serves_books(cli_env, tmp_path):
     ok(flask(cli_env, "db", "upgrade"))  # idempotent: the order of tests does not matter
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = ManagedProcess([sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
-                            env=cli_env, log_path=tmp_path / "flask-run.out", name="flask run").start()
+    server = ManagedProcess(
+        [sys.executable, "-m", "flask", "run", "-h", "127.0.0.1", "-p", str(port)],
+        env=cli_env,
+        log_path=tmp_path / "flask-run.out",
+        name="flask run",
+    ).start()
 
     def answer():
         assert server.poll() is None, f"flask run exited {server.poll()}"

@@ -1,6 +1,7 @@
 """docker-compose.yml and the Dockerfile: `docker-compose config -q`, the host paths it mounts,
 its published ports, its Prometheus and Grafana files against monitoring/ (promtool), and the
 image's CMD and HEALTHCHECK run against a real gunicorn."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from tests.deploy_tools import VENV_BIN, run, tool
 def compose_binary() -> list[str]:
     """Compose v2 (`docker compose`) when the plugin is there, else Debian's docker-compose."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
         return [docker, "compose"]
     return [tool("docker-compose")]
 
@@ -51,7 +52,7 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
     published = {}
     for name, service in services.items():
         for port in service.get("ports", []):
-            host_ip, host_port, container_port = str(port).split(":")
+            host_ip, host_port, _container_port = str(port).split(":")
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
             published[name] = int(host_port)
     assert published == {"app": 5000, "prometheus": 9090, "grafana": 3000, "locust-master": 8089}
@@ -69,8 +70,10 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
     assert grafana_mounts["./monitoring/grafana/dashboards"] == "/var/lib/grafana/dashboards/flaskapi"
     provider = yaml.safe_load((ROOT / "monitoring/grafana/provisioning/dashboards/flaskapi.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/flaskapi"
-    assert grafana_mounts["./deploy/compose/grafana/datasource.yml"] == \
-        "/etc/grafana/provisioning/datasources/prometheus.yml"
+    assert (
+        grafana_mounts["./deploy/compose/grafana/datasource.yml"]
+        == "/etc/grafana/provisioning/datasources/prometheus.yml"
+    )
 
 
 def without_targets(config: dict) -> dict:
@@ -85,8 +88,9 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
     repo = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     ours = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
     assert without_targets(ours) == without_targets(repo)
-    targets = {job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]]
-               for job in ours["scrape_configs"]}
+    targets = {
+        job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]] for job in ours["scrape_configs"]
+    }
     assert targets == {"flaskapi": ["app:9200"], "locust": ["locust-master:9646"], "prometheus": ["localhost:9090"]}
     mounts = dict(v.split(":")[:2] for v in compose()["services"]["prometheus"]["volumes"])
     assert mounts["./deploy/compose/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
@@ -118,8 +122,11 @@ def test_dockerfile_and_dockerignore():
     assert "/healthz" in last(app, "HEALTHCHECK") and "urllib" in last(app, "HEALTHCHECK")
     assert "gunicorn -c deploy/gunicorn.conf.py" in last(app, "CMD")
 
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for must in (".git", ".venv", ".data", ".env", "logs", "reports", ".pytest_cache"):
         assert must in patterns, must
     for needed in ("service", "logging_conf", "migrations", "deploy", "pyproject.toml", "README.md", "locustfile.py"):
@@ -135,18 +142,30 @@ def test_image_cmd_and_healthcheck_serve_like_the_container(app_database, tmp_pa
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "gauge_livesum_999.db").write_bytes(b"stale from the previous container run")
-    compose_env = {k: str(v) for k, v in compose()["services"]["app"]["environment"].items()
-                   if "${" not in str(v)}
-    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", **dockerfile_env(app), **compose_env,
-           "DB_URI": uri, "JWT_SECRET_KEY": SECRET, "WEB_CONCURRENCY": "1",
-           "BIND": f"127.0.0.1:{port}", "METRICS_BIND": f"127.0.0.1:{metrics_port}",
-           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    compose_env = {k: str(v) for k, v in compose()["services"]["app"]["environment"].items() if "${" not in str(v)}
+    env = {
+        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
+        **dockerfile_env(app),
+        **compose_env,
+        "DB_URI": uri,
+        "JWT_SECRET_KEY": SECRET,
+        "WEB_CONCURRENCY": "1",
+        "BIND": f"127.0.0.1:{port}",
+        "METRICS_BIND": f"127.0.0.1:{metrics_port}",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
     assert env["LOG_TO_FILE"] == "0"
     cmd = json.loads(last(app, "CMD"))
     healthcheck = json.loads(last(app, "HEALTHCHECK").split(" CMD ", 1)[1])
     # Stopped as `docker stop` stops a container: SIGTERM to its main process.
-    container = ManagedProcess(cmd, env=env, log_path=tmp_path / "container.out", name="the image's CMD",
-                               ready_url=f"http://127.0.0.1:{port}/healthz", kill_mode="mixed")
+    container = ManagedProcess(
+        cmd,
+        env=env,
+        log_path=tmp_path / "container.out",
+        name="the image's CMD",
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+        kill_mode="mixed",
+    )
     container.start()
     try:
         result = run(healthcheck, env=env, timeout=10, check=False)

@@ -1,13 +1,14 @@
 """deploy/env.example, the settings file an operator edits: exactly the settings of docs/settings.md, read
 the same by systemd, python-dotenv and docker, a production configuration without secrets; and
 docs/deployment.md describing the deployment files."""
+
 from __future__ import annotations
 
 import re
 
 from bench.harness.environment import ROOT
 from service.settings import Settings
-from tests.deploy_files import ENV_EXAMPLE, SECRET, env_example_names, env_example_values, documented_settings
+from tests.deploy_files import ENV_EXAMPLE, SECRET, documented_settings, env_example_names, env_example_values
 
 
 def test_env_example_lists_exactly_the_documented_settings():
@@ -33,8 +34,13 @@ def test_env_example_is_a_production_file_without_secrets():
     assert values["METRICS_BIND"].startswith("127.0.0.1:")
     assert re.search(r"^#.*METRICS_BIND=10\.0\.0\.10:9200", text, flags=re.M), "the private-address example"
 
-    settings = Settings.from_env({**values, "JWT_SECRET_KEY": SECRET,
-                                  "DB_URI": "postgresql://flaskapi:pw@10.0.0.20:5432/flaskapi?sslmode=require"})
+    settings = Settings.from_env(
+        {
+            **values,
+            "JWT_SECRET_KEY": SECRET,
+            "DB_URI": "postgresql://flaskapi:pw@10.0.0.20:5432/flaskapi?sslmode=require",
+        }
+    )
     assert settings.is_production and not settings.crash_route_enabled
     assert str(settings.log_dir) == "/var/log/flaskapi"
 
@@ -42,11 +48,28 @@ def test_env_example_is_a_production_file_without_secrets():
 def test_the_docs_describe_the_deployment_files():
     deployment = (ROOT / "docs" / "deployment.md").read_text()
     assert "docs/deployment.md" in (ROOT / "README.md").read_text()  # the front door links it
-    for needle in ("create_db.sql", "pg_hba.conf.snippet", "install.sh", "/etc/flaskapi/flaskapi.env",
-                   "systemctl reload flaskapi", "/var/log/flaskapi", "docker compose up",
-                   "--scale locust-worker=", "9200", "5432"):
+    for needle in (
+        "create_db.sql",
+        "pg_hba.conf.snippet",
+        "install.sh",
+        "/etc/flaskapi/flaskapi.env",
+        "systemctl reload flaskapi",
+        "/var/log/flaskapi",
+        "docker compose up",
+        "--scale locust-worker=",
+        "9200",
+        "5432",
+    ):
         assert needle in deployment, needle
     layout = (ROOT / "docs" / "architecture.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    for path in ("deploy/systemd/", "deploy/env.example", "deploy/postgres/", "deploy/nginx/",
-                 "deploy/install.sh", "deploy/compose/", "Dockerfile", "docker-compose.yml"):
+    for path in (
+        "deploy/systemd/",
+        "deploy/env.example",
+        "deploy/postgres/",
+        "deploy/nginx/",
+        "deploy/install.sh",
+        "deploy/compose/",
+        "Dockerfile",
+        "docker-compose.yml",
+    ):
         assert f"`{path}" in layout, path

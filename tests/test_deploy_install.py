@@ -1,5 +1,6 @@
 """deploy/install.sh: shellcheck, and real runs with --root (the tree it builds, a second run
 that keeps the edited settings) and --dry-run (every step printed, nothing changed)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ def test_install_into_a_root_builds_the_tree_and_is_idempotent(tmp_path):
     assert "NOT STARTED" in first.stderr and "JWT_SECRET_KEY" in first.stderr and "DB_URI" in first.stderr
 
     app = root / "opt/flaskapi/app"
-    for path in ("service/__init__.py", "migrations/env.py", "deploy/gunicorn.conf.py", "logging_conf/__init__.py",
-                 "pyproject.toml", ".flaskenv"):
+    for path in (
+        "service/__init__.py",
+        "migrations/env.py",
+        "deploy/gunicorn.conf.py",
+        "logging_conf/__init__.py",
+        "pyproject.toml",
+        ".flaskenv",
+    ):
         assert (app / path).is_file(), path
     for absent in (".git", ".venv", ".data", "logs", ".env", "service/__pycache__", "app.new"):
         assert not (app / absent).exists(), absent
@@ -46,8 +53,11 @@ def test_install_into_a_root_builds_the_tree_and_is_idempotent(tmp_path):
     assert site.read_text() == NGINX_SITE.read_text()
 
     # Second run: the edited settings survive (mode restored), the code is replaced.
-    env_file.write_text(env_file.read_text().replace("JWT_SECRET_KEY=\n", f"JWT_SECRET_KEY={SECRET}\n")
-                        .replace("DB_URI=\n", "DB_URI=postgresql://flaskapi:pw@10.0.0.20/flaskapi\n"))
+    env_file.write_text(
+        env_file.read_text()
+        .replace("JWT_SECRET_KEY=\n", f"JWT_SECRET_KEY={SECRET}\n")
+        .replace("DB_URI=\n", "DB_URI=postgresql://flaskapi:pw@10.0.0.20/flaskapi\n")
+    )
     env_file.chmod(0o644)
     (app / "stale-file").write_text("from an older release")
     second = install("--root", str(root), "--no-venv")
@@ -67,13 +77,17 @@ def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     watched = (Path("/opt/flaskapi"), Path("/etc/flaskapi"), Path("/etc/systemd/system/flaskapi.service"))
     existed = {p: p.exists() for p in watched}
     result = install("--dry-run")
-    expected = ["+ apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates nginx",
-                "+ /opt/flaskapi/venv/bin/pip install --quiet --no-cache-dir /opt/flaskapi/app.new",
-                "+ mv /opt/flaskapi/app.new /opt/flaskapi/app",
-                "+ chown root:flaskapi /etc/flaskapi /etc/flaskapi/flaskapi.env",
-                "+ install -m 0644 " + str(SYSTEMD / "flaskapi.service") + " /etc/systemd/system/flaskapi.service",
-                "+ systemctl daemon-reload", "+ nginx -t -q", "+ systemctl reload-or-restart nginx"]
-    if subprocess.run(["getent", "group", "flaskapi"], capture_output=True).returncode != 0:
+    expected = [
+        "+ apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates nginx",
+        "+ /opt/flaskapi/venv/bin/pip install --quiet --no-cache-dir /opt/flaskapi/app.new",
+        "+ mv /opt/flaskapi/app.new /opt/flaskapi/app",
+        "+ chown root:flaskapi /etc/flaskapi /etc/flaskapi/flaskapi.env",
+        "+ install -m 0644 " + str(SYSTEMD / "flaskapi.service") + " /etc/systemd/system/flaskapi.service",
+        "+ systemctl daemon-reload",
+        "+ nginx -t -q",
+        "+ systemctl reload-or-restart nginx",
+    ]
+    if subprocess.run(["getent", "group", "flaskapi"], capture_output=True, check=False).returncode != 0:
         expected.append("+ groupadd --system flaskapi")  # not on a machine where it is installed for real
     if not Path("/opt/flaskapi/venv/bin/python").exists():
         expected.append("+ python3 -m venv /opt/flaskapi/venv")

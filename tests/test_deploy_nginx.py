@@ -1,5 +1,6 @@
 """deploy/nginx: `nginx -t` on the site, then a real nginx in front of a header-echoing upstream
 (request ids, forwarded headers, the body size limit, nginx's own errors in the app's shape)."""
+
 from __future__ import annotations
 
 import http.server
@@ -22,11 +23,14 @@ from tests.deploy_tools import run, tool
 def nginx_config(tmp: Path, site: str) -> Path:
     (tmp / "logs").mkdir(exist_ok=True)
     (tmp / "site.conf").write_text(site.replace("/var/log/nginx/", f"{tmp}/logs/"))
-    temp_paths = " ".join(f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = " ".join(
+        f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     user = "user root;\n" if os.geteuid() == 0 else ""
     (tmp / "nginx.conf").write_text(
         f"{user}pid {tmp}/nginx.pid;\nerror_log {tmp}/logs/error.log;\nevents {{}}\n"
-        f"http {{\n  {temp_paths}\n  access_log {tmp}/logs/access.log;\n  include {tmp}/site.conf;\n}}\n")
+        f"http {{\n  {temp_paths}\n  access_log {tmp}/logs/access.log;\n  include {tmp}/site.conf;\n}}\n"
+    )
     return tmp / "nginx.conf"
 
 
@@ -40,8 +44,10 @@ class Nginx(ManagedProcess):
     kill_mode = "mixed"
 
     def __init__(self, prefix: Path, config: Path) -> None:
-        super().__init__([tool("nginx"), "-p", prefix, "-e", prefix / "logs" / "error.log", "-c", config,
-                          "-g", "daemon off;"], log_path=prefix / "nginx.out")
+        super().__init__(
+            [tool("nginx"), "-p", prefix, "-e", prefix / "logs" / "error.log", "-c", config, "-g", "daemon off;"],
+            log_path=prefix / "nginx.out",
+        )
 
 
 def test_nginx_accepts_the_site(tmp_path):
@@ -76,16 +82,19 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
 
 def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_path):
     upstream_port, port = free_port(), free_port()
-    site = (NGINX_SITE.read_text()
-            .replace("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")
-            .replace("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;")
-            .replace("listen [::]:80 default_server;", ""))
+    site = (
+        NGINX_SITE.read_text()
+        .replace("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")
+        .replace("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;")
+        .replace("listen [::]:80 default_server;", "")
+    )
     assert f"127.0.0.1:{upstream_port}" in site and f"127.0.0.1:{port}" in site
     config = nginx_config(tmp_path, site)
     nginx = Nginx(tmp_path, config).start()
     upstream = None
     try:
         url = f"http://127.0.0.1:{port}"
+
         # Upstream down: nginx's own 502, in the app's error shape, with a request id.
         def answer():
             assert nginx.poll() is None, nginx.output()
@@ -106,8 +115,9 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
         seen = requests.get(url + "/books/", timeout=5).json()
         assert re.fullmatch(r"[0-9a-f]{32}", seen["x-request-id"])  # generated when absent
         assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
-        seen = requests.get(url + "/", headers={"X-Request-ID": "client-id.42:a_b-c",
-                                                "X-Forwarded-For": "203.0.113.9"}, timeout=5).json()
+        seen = requests.get(
+            url + "/", headers={"X-Request-ID": "client-id.42:a_b-c", "X-Forwarded-For": "203.0.113.9"}, timeout=5
+        ).json()
         assert seen["x-request-id"] == "client-id.42:a_b-c"  # a sane client id passes through
         assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
         seen = requests.get(url + "/", headers={"X-Request-ID": "no spaces allowed"}, timeout=5).json()
@@ -116,12 +126,16 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
         # client_max_body_size = MAX_CONTENT_LENGTH: 65536 bytes pass, one more is refused here.
         limit = int(env_example_values()["MAX_CONTENT_LENGTH"])
         assert requests.post(url + "/books/", data=b"x" * limit, timeout=5).json()["content-length"] == str(limit)
-        response = requests.post(url + "/books/", data=b"x" * (limit + 1), headers={"X-Request-ID": "big-1"},
-                                 timeout=5)
+        response = requests.post(url + "/books/", data=b"x" * (limit + 1), headers={"X-Request-ID": "big-1"}, timeout=5)
         assert response.status_code == 413
-        assert response.json()["error"] == {"status": 413, "code": "payload_too_large", "details": {},
-                                             "message": f"Request body is larger than the {limit} bytes allowed",
-                                             "request_id": "big-1"}
+        assert response.json()["error"] == {
+            "status": 413,
+            "code": "payload_too_large",
+            "details": {},
+            "message": f"Request body is larger than the {limit} bytes allowed",
+            "request_id": "big-1",
+        }
+
         # nginx's access log has the same id (written just after the response: wait for it).
         def logged_413s():
             access = [json.loads(line) for line in (tmp_path / "logs" / "flaskapi.access.log").read_text().splitlines()]

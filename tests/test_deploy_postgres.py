@@ -1,6 +1,7 @@
 """deploy/postgres: create_db.sql on the session's real Postgres (role attributes, SCRAM
 password, who may connect where, idempotence); the pg_hba/postgresql.conf snippets parsed by a
 throwaway Postgres (pg_hba_file_rules, pg_file_settings)."""
+
 from __future__ import annotations
 
 import base64
@@ -39,11 +40,17 @@ def scram_matches(verifier: str, password: str) -> bool:
 
 def test_create_db_makes_an_unprivileged_login_role_owning_its_database(postgres, app_database):
     name, _ = app_database
-    [role] = query(postgres, "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
-                             "rolbypassrls, rolinherit FROM pg_roles WHERE rolname = 'flaskapi'")
+    [role] = query(
+        postgres,
+        "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, "
+        "rolbypassrls, rolinherit FROM pg_roles WHERE rolname = 'flaskapi'",
+    )
     assert role == (True, False, False, False, False, False, True)
-    [(owner, encoding)] = query(postgres, "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding) "
-                                          "FROM pg_database WHERE datname = %s", name)
+    [(owner, encoding)] = query(
+        postgres,
+        "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s",
+        name,
+    )
     assert (owner, encoding) == ("flaskapi", "UTF8")
     [(verifier,)] = query(postgres, "SELECT rolpassword FROM pg_authid WHERE rolname = 'flaskapi'")
     assert scram_matches(verifier, DB_PASSWORD)
@@ -93,8 +100,11 @@ def test_create_db_refuses_a_missing_or_short_password(postgres, monkeypatch, pa
 
 
 def test_postgres_snippets_parse_in_a_real_postgres():
-    hba = [line.split() for line in (DEPLOY / "postgres" / "pg_hba.conf.snippet").read_text().splitlines()
-           if line.strip() and not line.startswith("#")]
+    hba = [
+        line.split()
+        for line in (DEPLOY / "postgres" / "pg_hba.conf.snippet").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert hba == [["hostssl", "flaskapi", "flaskapi", "10.0.0.10/32", "scram-sha-256"]]
     conf = (DEPLOY / "postgres" / "postgresql.conf.snippet").read_text()
     settings = dict(re.findall(r"^(\w+)\s*=\s*'?([^'#\n]*?)'?\s*(?:#.*)?$", conf, flags=re.M))
@@ -112,15 +122,23 @@ def test_postgres_snippets_parse_in_a_real_postgres():
         with open(pgdata / "postgresql.conf", "a") as f:
             f.write("\n# deploy/postgres/postgresql.conf.snippet\n" + conf)
         # Both views parse the files as they are on disk now (no reload needed).
-        rules = query(handle, "SELECT line_number, type, database, user_name, address, netmask, auth_method, "
-                              "error FROM pg_hba_file_rules WHERE line_number >= %s", first_hba_line)
+        rules = query(
+            handle,
+            "SELECT line_number, type, database, user_name, address, netmask, auth_method, "
+            "error FROM pg_hba_file_rules WHERE line_number >= %s",
+            first_hba_line,
+        )
         assert len(rules) == 1, rules
         *rule, error = rules[0]
         assert rule[1:] == ["hostssl", ["flaskapi"], ["flaskapi"], "10.0.0.10", "255.255.255.255", "scram-sha-256"]
         # hostssl needs ssl = on; this Postgres (pgserver's build) has no SSL at all.
         assert error is None or "SSL" in error, error
-        rows = query(handle, "SELECT name, error FROM pg_file_settings WHERE sourcefile = %s AND sourceline >= %s",
-                     str(pgdata / "postgresql.conf"), first_conf_line)
+        rows = query(
+            handle,
+            "SELECT name, error FROM pg_file_settings WHERE sourcefile = %s AND sourceline >= %s",
+            str(pgdata / "postgresql.conf"),
+            first_conf_line,
+        )
         assert {name for name, _ in rows} == set(settings)
         # listen_addresses takes a restart (and another address); ssl = on needs an SSL build.
         errors = {name: error for name, error in rows if error and name not in ("listen_addresses", "ssl")}

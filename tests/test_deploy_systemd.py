@@ -6,6 +6,7 @@ Environment=/EnvironmentFile=: migrations as the database role create_db.sql mak
 telling READY=1 on a NOTIFY_SOCKET, a reload (HUP) that keeps the master, a graceful stop
 within TimeoutStopSec.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,18 +70,29 @@ def test_units_verify_without_a_single_warning(tmp_path):
     assert output == "", f"systemd-analyze verify:\n{output}"
 
     # The check would see a problem: an unknown key is only a warning, with exit status 0.
-    (tmp_path / "flaskapi.service").write_text((tmp_path / "flaskapi.service").read_text()
-                                               .replace("[Service]\n", "[Service]\nNoSuchKey=1\n"))
+    (tmp_path / "flaskapi.service").write_text(
+        (tmp_path / "flaskapi.service").read_text().replace("[Service]\n", "[Service]\nNoSuchKey=1\n")
+    )
     assert "NoSuchKey" in verify([tmp_path / "flaskapi.service"])
 
 
 def test_prometheus_drop_in_verifies_on_the_distribution_unit(tmp_path):
-    base = next((p for p in (Path("/lib/systemd/system/prometheus.service"),
-                             Path("/usr/lib/systemd/system/prometheus.service")) if p.exists()), None)
+    base = next(
+        (
+            p
+            for p in (
+                Path("/lib/systemd/system/prometheus.service"),
+                Path("/usr/lib/systemd/system/prometheus.service"),
+            )
+            if p.exists()
+        ),
+        None,
+    )
     if base is None:
         tool("prometheus")
-        pytest.fail("prometheus is installed but not its systemd unit: install Debian's `prometheus` "
-                    "package", pytrace=False)
+        pytest.fail(
+            "prometheus is installed but not its systemd unit: install Debian's `prometheus` package", pytrace=False
+        )
     drop_in = SYSTEMD / "prometheus.service.d" / "flaskapi.conf"
     shutil.copy(base, tmp_path / "prometheus.service")
     (tmp_path / "prometheus.service.d").mkdir()
@@ -117,7 +129,9 @@ def test_app_unit_has_what_the_deployment_relies_on():
     # The unit serves with the very file the test stack and `make run` use.
     assert config == "/opt/flaskapi/app/deploy/gunicorn.conf.py"
     assert (ROOT / Path(config).relative_to("/opt/flaskapi/app")).is_file()
-    assert re.search(r'ROOT\s*/\s*"deploy"\s*/\s*"gunicorn.conf.py"', (ROOT / "bench" / "harness" / "gunicorn.py").read_text())
+    assert re.search(
+        r'ROOT\s*/\s*"deploy"\s*/\s*"gunicorn.conf.py"', (ROOT / "bench" / "harness" / "gunicorn.py").read_text()
+    )
     assert "deploy/gunicorn.conf.py" in (ROOT / "Makefile").read_text()
 
     env = unit_environment(unit)
@@ -136,10 +150,19 @@ def test_app_unit_has_what_the_deployment_relies_on():
     assert env["DATA_DIR"] == env_example_values()["DATA_DIR"] == state_dir
     writable = set(one(unit, "Service", "ReadWritePaths").split())
     assert writable == {log_dir, state_dir, "/run/" + one(unit, "Service", "RuntimeDirectory")}
-    hardening = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                 "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
-                 "ProtectKernelModules": "yes", "ProtectControlGroups": "yes",
-                 "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "UMask": "0027"}
+    hardening = {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "UMask": "0027",
+    }
     assert {key: one(unit, "Service", key) for key in hardening} == hardening
 
     migrate = parse_unit(SYSTEMD / "flaskapi-migrate.service")
@@ -151,6 +174,7 @@ def test_app_unit_has_what_the_deployment_relies_on():
 
 
 # --- the units' commands, run as systemd would run them ---------------------------------------
+
 
 def service_env(unit: dict, tmp: Path, extra: dict[str, str], env_file: dict[str, str]) -> dict[str, str]:
     """Environment= first, EnvironmentFile= over it (systemd's precedence), paths under tmp."""
@@ -164,9 +188,14 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
     app_unit = parse_unit(SYSTEMD / "flaskapi.service")
     migrate_unit = parse_unit(SYSTEMD / "flaskapi-migrate.service")
     port, metrics_port = free_port(), free_port()
-    env_file = {**env_example_values(), "JWT_SECRET_KEY": SECRET, "DB_URI": uri,
-                "BIND": f"127.0.0.1:{port}", "METRICS_BIND": f"127.0.0.1:{metrics_port}",
-                "WEB_CONCURRENCY": "2"}
+    env_file = {
+        **env_example_values(),
+        "JWT_SECRET_KEY": SECRET,
+        "DB_URI": uri,
+        "BIND": f"127.0.0.1:{port}",
+        "METRICS_BIND": f"127.0.0.1:{metrics_port}",
+        "WEB_CONCURRENCY": "2",
+    }
     # What systemd creates before running anything: RuntimeDirectory, LogsDirectory, StateDirectory.
     for key, base in (("RuntimeDirectory", "run"), ("LogsDirectory", "var/log"), ("StateDirectory", "var/lib")):
         (tmp / base / one(app_unit, "Service", key)).mkdir(parents=True, exist_ok=True)
@@ -174,8 +203,13 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
     try:
         # 1. flaskapi-migrate.service: flask db upgrade, as the role create_db.sql made.
         env = service_env(migrate_unit, tmp, {}, env_file)
-        result = run(shlex.split(rewritten_unit(one(migrate_unit, "Service", "ExecStart"), tmp)), cwd=workdir,
-                     env=env, timeout=60, check=False)
+        result = run(
+            shlex.split(rewritten_unit(one(migrate_unit, "Service", "ExecStart"), tmp)),
+            cwd=workdir,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         with psycopg2.connect(uri) as conn, conn.cursor() as cur:
             cur.execute("SELECT tableowner FROM pg_tables WHERE tablename IN ('users', 'books')")
@@ -195,10 +229,14 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
         notify.bind(str(tmp / "notify"))
         notify.settimeout(60)  # a deadline for READY=1, not a wait: it returns when it comes
         # Stopped as systemd stops it (KillMode=mixed): KillSignal to the master, then the rest.
-        master = ManagedProcess(shlex.split(rewritten_unit(one(app_unit, "Service", "ExecStart"), tmp)),
-                                cwd=workdir, env={**env, "NOTIFY_SOCKET": str(tmp / "notify")},
-                                log_path=tmp_path / "gunicorn.out", name="flaskapi.service's gunicorn",
-                                kill_mode="mixed").start()
+        master = ManagedProcess(
+            shlex.split(rewritten_unit(one(app_unit, "Service", "ExecStart"), tmp)),
+            cwd=workdir,
+            env={**env, "NOTIFY_SOCKET": str(tmp / "notify")},
+            log_path=tmp_path / "gunicorn.out",
+            name="flaskapi.service's gunicorn",
+            kill_mode="mixed",
+        ).start()
         try:
             # Type=notify: gunicorn says READY=1 itself.
             try:
@@ -214,6 +252,7 @@ def test_unit_commands_migrate_serve_reload_and_stop(postgres, app_database, tmp
             # 3. systemctl reload: HUP to $MAINPID; the master stays, the workers are replaced.
             reload = rewritten_unit(one(app_unit, "Service", "ExecReload"), tmp).replace("$MAINPID", str(master.pid))
             run(shlex.split(reload))
+
             def replaced():
                 pids = child_pids(master.pid)
                 return pids if len(pids) == 2 and not pids & before else None

@@ -1,4 +1,5 @@
 """Every error leaves in one JSON shape, and a refused request writes nothing."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -32,10 +33,9 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
 
 
 def counts(app) -> tuple[int, int]:
-    with app.app_context():
-        with db.engine.connect() as conn:
-            users = conn.execute(text("SELECT count(*) FROM users")).scalar_one()
-            books = conn.execute(text("SELECT count(*) FROM books")).scalar_one()
+    with app.app_context(), db.engine.connect() as conn:
+        users = conn.execute(text("SELECT count(*) FROM users")).scalar_one()
+        books = conn.execute(text("SELECT count(*) FROM books")).scalar_one()
     return users, books
 
 
@@ -45,6 +45,7 @@ def auth(login):
 
 
 # --- 400 -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["/auth/register", "/auth/login", "/books"])
 @pytest.mark.parametrize("raw", ['{"title": ', "not json", "{'single': 'quotes'}", "\x00", '{"a": 1}}'])
@@ -64,14 +65,16 @@ def test_malformed_json_on_update_is_400(app, client, auth):
 
 # --- 401 -----------------------------------------------------------------------------------
 
+
 def test_missing_token_is_401(app, client):
     response = client.post("/books", json={"title": "No token"})
     assert_error(response, 401, "token_missing")
     assert counts(app) == (0, 0)
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Token abc", "Bearer not.a.jwt", "Bearer abc",
-                                    "Basic dXNlcjpwYXNz"])
+@pytest.mark.parametrize(
+    "header", ["Bearer", "Bearer ", "Token abc", "Bearer not.a.jwt", "Bearer abc", "Basic dXNlcjpwYXNz"]
+)
 def test_malformed_authorization_is_401(app, client, header):
     response = client.post("/books", json={"title": "Bad header"}, headers={"Authorization": header})
     error = assert_error(response, 401)
@@ -85,8 +88,12 @@ def test_token_signed_with_another_key_is_401(app, client, make_app):
     credentials = {"email": "forger@example.com", "password": "forger-password"}
     assert other_client.post("/auth/register", json=credentials).status_code == 201
     forged = other_client.post("/auth/login", json=credentials).get_json()["token"]
-    assert other_client.post("/books", json={"title": "ok there"},
-                             headers={"Authorization": f"Bearer {forged}"}).status_code == 201
+    assert (
+        other_client.post(
+            "/books", json={"title": "ok there"}, headers={"Authorization": f"Bearer {forged}"}
+        ).status_code
+        == 201
+    )
     _, books_before = counts(app)
 
     response = client.post("/books", json={"title": "Forged"}, headers={"Authorization": f"Bearer {forged}"})
@@ -108,9 +115,8 @@ def test_expired_token_is_401(app, client, login):
 def test_token_of_deleted_user_is_401_not_500(app, client, login):
     headers = login("ghost@example.com", "ghost-password")
     assert client.post("/books", json={"title": "Before"}, headers=headers).status_code == 201
-    with app.app_context():
-        with db.engine.begin() as conn:
-            conn.execute(text("DELETE FROM users WHERE email = 'ghost@example.com'"))
+    with app.app_context(), db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM users WHERE email = 'ghost@example.com'"))
     assert counts(app) == (0, 0)  # ON DELETE CASCADE took the book
     response = client.post("/books", json={"title": "After"}, headers=headers)
     assert_error(response, 401, "token_invalid")
@@ -133,6 +139,7 @@ def test_bad_credentials_shape(client):
 
 # --- 403 / 404 / 405 / 409 -----------------------------------------------------------------
 
+
 def test_forbidden_shape(app, client, login):
     owner = login("owner@example.com", "owner-password")
     other = login("other@example.com", "other-password")
@@ -146,13 +153,16 @@ def test_not_found_shape(client, path):
     assert_error(client.get(path), 404, "not_found")
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("DELETE", "/books/", {"GET", "POST"}),
-    ("PUT", "/books/", {"GET", "POST"}),
-    ("GET", "/auth/login", {"POST"}),
-    ("GET", "/auth/register", {"POST"}),
-    ("POST", "/books/1", {"GET", "PUT", "PATCH", "DELETE"}),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("DELETE", "/books/", {"GET", "POST"}),
+        ("PUT", "/books/", {"GET", "POST"}),
+        ("GET", "/auth/login", {"POST"}),
+        ("GET", "/auth/register", {"POST"}),
+        ("POST", "/books/1", {"GET", "PUT", "PATCH", "DELETE"}),
+    ],
+)
 def test_method_not_allowed_shape_and_allow_header(client, method, path, allowed):
     response = client.open(path, method=method, json={"title": "x"})
     error = assert_error(response, 405, "method_not_allowed")
@@ -169,6 +179,7 @@ def test_conflict_shape(client):
 
 
 # --- 413 / 415 / 422 -----------------------------------------------------------------------
+
 
 def test_body_too_large_is_413(app, client, auth):
     limit = app.config["MAX_CONTENT_LENGTH"]
@@ -191,23 +202,31 @@ def test_body_limit_follows_setting(make_app):
     assert client.post("/auth/register", json=small).status_code == 201
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"data": '{"title": "plain"}', "content_type": "text/plain"},
-    {"data": {"title": "form"}},  # application/x-www-form-urlencoded
-    {"data": {"title": "multipart", "file": (__import__("io").BytesIO(b"x"), "f.txt")},
-     "content_type": "multipart/form-data"},
-    {"data": b'{"title": "no type"}'},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"data": '{"title": "plain"}', "content_type": "text/plain"},
+        {"data": {"title": "form"}},  # application/x-www-form-urlencoded
+        {
+            "data": {"title": "multipart", "file": (__import__("io").BytesIO(b"x"), "f.txt")},
+            "content_type": "multipart/form-data",
+        },
+        {"data": b'{"title": "no type"}'},
+    ],
+)
 def test_non_json_body_is_415_and_writes_nothing(app, client, auth, kwargs):
     response = client.post("/books", headers=auth, **kwargs)
     assert_error(response, 415, "unsupported_media_type")
     assert counts(app) == (1, 0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"data": "email=a%40b.com&password=secret123", "content_type": "application/x-www-form-urlencoded"},
-    {"data": '{"email": "a@b.com", "password": "secret123"}', "content_type": "text/plain"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"data": "email=a%40b.com&password=secret123", "content_type": "application/x-www-form-urlencoded"},
+        {"data": '{"email": "a@b.com", "password": "secret123"}', "content_type": "text/plain"},
+    ],
+)
 def test_non_json_register_is_415_and_writes_nothing(app, client, kwargs):
     response = client.post("/auth/register", **kwargs)
     assert_error(response, 415, "unsupported_media_type")
@@ -234,6 +253,7 @@ def test_query_validation_error_shape(client):
 
 
 # --- 500 -----------------------------------------------------------------------------------
+
 
 def test_unexpected_exception_is_500_without_leaking(make_app):
     app = make_app()
@@ -266,6 +286,7 @@ def test_unexpected_exception_in_post_writes_nothing(make_app):
 
 
 # --- bad input writes nothing --------------------------------------------------------------
+
 
 def test_sequence_of_bad_posts_writes_nothing(app, client, auth):
     assert counts(app) == (1, 0)

@@ -12,8 +12,10 @@ without a restart.
 
 Every process is started here and stopped here, by PID, with timeouts; every loop is bounded.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,11 +34,11 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from service import devdb
 from bench.harness.commands import run_command
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.scrape import has_metric, metric, reported_worker_pids, scrape
+from service import devdb
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.stack
@@ -45,6 +47,7 @@ APP_NAME = "flaskapi-observability"  # application_name of the service's connect
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 def log_records(log_dir: Path) -> list[dict]:
     records = []
@@ -92,9 +95,15 @@ SLACK = 1.5
 
 def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_database, tmp_path):
     uri = migrated_database("test_faults_pool")
-    env = stack_env(uri, tmp_path, GUNICORN_THREADS=str(THREADS), DB_POOL_SIZE="1",
-                    DB_MAX_OVERFLOW="0", DB_POOL_TIMEOUT=str(POOL_TIMEOUT),
-                    DB_STATEMENT_TIMEOUT_MS="120000")  # the lock, not this, ends the holder's wait
+    env = stack_env(
+        uri,
+        tmp_path,
+        GUNICORN_THREADS=str(THREADS),
+        DB_POOL_SIZE="1",
+        DB_MAX_OVERFLOW="0",
+        DB_POOL_TIMEOUT=str(POOL_TIMEOUT),
+        DB_STATEMENT_TIMEOUT_MS="120000",
+    )  # the lock, not this, ends the holder's wait
     locker_engine = create_engine(uri, poolclass=NullPool)
     with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stack:
         # Warm up: the worker opens its single pooled connection.
@@ -108,8 +117,7 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
 
         def get(request_id: str):
             started = time.monotonic()
-            response = requests.get(stack.url + "/books/", headers={"X-Request-ID": request_id},
-                                    timeout=180)
+            response = requests.get(stack.url + "/books/", headers={"X-Request-ID": request_id}, timeout=180)
             return request_id, response, time.monotonic() - started, time.monotonic()
 
         locker = locker_engine.connect()
@@ -130,9 +138,13 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
             refused_after = time.monotonic() - fired_at
 
             # The one still in flight holds the pool's only connection and waits on our lock.
-            waiting = locker.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app "
-                "AND wait_event_type = 'Lock' AND query ILIKE '%books%'"), {"app": APP_NAME}).scalar()
+            waiting = locker.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app "
+                    "AND wait_event_type = 'Lock' AND query ILIKE '%books%'"
+                ),
+                {"app": APP_NAME},
+            ).scalar()
             assert waiting == 1
 
             refused = []
@@ -154,11 +166,10 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
             assert latencies[THREADS - 2] < POOL_TIMEOUT + SLACK, latencies  # the first round
 
             after = scrape(stack.metrics_url)
-            assert (metric(after, "flaskapi_db_pool_checkout_timeouts_total") - timeouts_before
-                    == len(refused)), after
+            assert metric(after, "flaskapi_db_pool_checkout_timeouts_total") - timeouts_before == len(refused), after
             # sampled gauges: the one request still in flight holds the one connection
             for gauge in ("flaskapi_db_pool_checked_out", "flask_http_requests_in_progress"):
-                assert eventually(lambda: metric(scrape(stack.metrics_url), gauge), 1) == 1, gauge
+                assert eventually(lambda gauge=gauge: metric(scrape(stack.metrics_url), gauge), 1) == 1, gauge
 
             warnings_ = [r for r in log_records(tmp_path / "logs") if r.get("event") == "db_pool_timeout"]
             assert sorted(r["request_id"] for r in warnings_) == sorted(rid for rid, _ in refused), warnings_
@@ -195,8 +206,9 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
                 break
         assert streak >= 20, f"only {streak} consecutive 200s within 60 s of releasing the lock"
         with ThreadPoolExecutor(max_workers=THREADS) as burst:
-            statuses = list(burst.map(lambda _: requests.get(stack.url + "/books/", timeout=10).status_code,
-                                      range(THREADS * 3)))
+            statuses = list(
+                burst.map(lambda _: requests.get(stack.url + "/books/", timeout=10).status_code, range(THREADS * 3))
+            )
         assert statuses == [200] * (THREADS * 3), statuses
 
         final = scrape(stack.metrics_url)
@@ -207,9 +219,11 @@ def test_pool_exhaustion_answers_503_fast_and_recovers_without_restart(migrated_
         assert metric(final, "flaskapi_worker_exits_total") == 0
         access_pids = {r["pid"] for r in log_records(tmp_path / "logs") if r.get("event") == "access"}
         assert access_pids == pids_before, access_pids
-        print(f"\npool exhaustion: {len(refused)} x 503 after {[round(x, 2) for x in latencies]} s "
-              f"(server waited {waited} s), all refused within {refused_after:.2f} s; holder "
-              f"200 after {elapsed:.2f} s; first 200 {recovered_at:.3f} s after release")
+        print(
+            f"\npool exhaustion: {len(refused)} x 503 after {[round(x, 2) for x in latencies]} s "
+            f"(server waited {waited} s), all refused within {refused_after:.2f} s; holder "
+            f"200 after {elapsed:.2f} s; first 200 {recovered_at:.3f} s after release"
+        )
 
 
 # --- 2. database outage ---------------------------------------------------------------------------
@@ -234,11 +248,8 @@ def dedicated_postgres():
             if (pgdata / "postmaster.pid").exists():  # restarted outside the handle's knowledge
                 from pgserver._commands import pg_ctl
 
-                try:
-                    pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=handle.system_user,
-                           timeout=30)
-                except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-                    pass
+                with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                    pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=handle.system_user, timeout=30)
             shutil.rmtree(pgdata, ignore_errors=True)
 
 
@@ -275,8 +286,7 @@ class Traffic(threading.Thread):
         except requests.RequestException as exc:
             record.update(elapsed=time.monotonic() - started, status=None, error=repr(exc))
         else:
-            record.update(elapsed=time.monotonic() - started, status=response.status_code,
-                          response=response)
+            record.update(elapsed=time.monotonic() - started, status=response.status_code, response=response)
             if method == "POST" and response.status_code == 201:
                 with self.lock:
                     self.acknowledged.append((started, response.json()["id"]))
@@ -290,8 +300,13 @@ class Traffic(threading.Thread):
                 if self.stop_event.is_set() or time.monotonic() - began > self.max_seconds:
                     break
                 tick = time.monotonic()
-                self._call(session, "POST", "/books/", headers=self.auth,
-                           json={"title": f"outage write {i}", "author": "writer"})
+                self._call(
+                    session,
+                    "POST",
+                    "/books/",
+                    headers=self.auth,
+                    json={"title": f"outage write {i}", "author": "writer"},
+                )
                 self._call(session, "GET", "/books/?limit=5")
                 time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
 
@@ -317,15 +332,17 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
     uri = devdb.create_database(handle, "outage")
     socket_dir = handle.get_postmaster_info().socket_dir
 
-    migrate_env = {k: v for k, v in os.environ.items()
-                   if k not in ("FLASK_DEBUG", "PROMETHEUS_MULTIPROC_DIR")}
-    migrate_env.update(DB_URI=uri, FLASK_ENV="development", DATA_DIR=str(tmp_path / "migrate"),
-                       LOG_DIR=str(tmp_path / "migrate" / "logs"))
+    migrate_env = {k: v for k, v in os.environ.items() if k not in ("FLASK_DEBUG", "PROMETHEUS_MULTIPROC_DIR")}
+    migrate_env.update(
+        DB_URI=uri,
+        FLASK_ENV="development",
+        DATA_DIR=str(tmp_path / "migrate"),
+        LOG_DIR=str(tmp_path / "migrate" / "logs"),
+    )
     result = run([sys.executable, "-m", "flask", "db", "upgrade"], migrate_env, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:]
 
-    env = stack_env(uri, tmp_path, DB_POOL_TIMEOUT=str(DB_POOL_TIMEOUT),
-                    DB_CONNECT_TIMEOUT=str(DB_CONNECT_TIMEOUT))
+    env = stack_env(uri, tmp_path, DB_POOL_TIMEOUT=str(DB_POOL_TIMEOUT), DB_CONNECT_TIMEOUT=str(DB_CONNECT_TIMEOUT))
     limit = DB_POOL_TIMEOUT + DB_CONNECT_TIMEOUT + 2
     with Gunicorn(env, workers=2, log_path=tmp_path / "gunicorn.out") as stack:
         auth = login(stack, "outage@example.com")
@@ -338,8 +355,9 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
         traffic = Traffic(stack.url, auth)
         traffic.start()
         try:
-            assert wait_until(lambda: traffic.acked_since(0) >= 10, timeout=60) is not None, \
+            assert wait_until(lambda: traffic.acked_since(0) >= 10, timeout=60) is not None, (
                 "no steady writes before the outage"
+            )
 
             # --- outage ---
             stop_began = time.monotonic()
@@ -373,7 +391,8 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
             assert handle.get_uri("outage").replace("postgresql://", "postgresql+psycopg2://", 1) == uri
 
             ready_after = wait_until(
-                lambda: requests.get(stack.url + "/readyz", timeout=10).status_code == 200, timeout=60)
+                lambda: requests.get(stack.url + "/readyz", timeout=10).status_code == 200, timeout=60
+            )
             assert ready_after is not None, "/readyz not 200 within 60 s of the restart"
             ready_at = time.monotonic()
             writes_after = wait_until(lambda: traffic.acked_since(ready_at) >= 10, timeout=60)
@@ -401,28 +420,35 @@ def test_database_outage_fails_fast_and_recovers_without_losing_writes(dedicated
         assert record["response"].headers.get("Retry-After"), record["response"].headers
         # Failures only while the database was away (or being brought back).
         assert stop_began - 0.5 <= record["started"] <= ready_at, (
-            record["method"], record["started"] - stop_began, ready_at - stop_began)
+            record["method"],
+            record["started"] - stop_began,
+            ready_at - stop_began,
+        )
     slowest = max(r["elapsed"] for r in records)
     assert slowest < limit, f"a request took {slowest:.2f} s (limit {limit} s)"
-    assert any(r["method"] == "POST" for r in failures) and any(r["method"] == "GET" for r in failures), \
+    assert any(r["method"] == "POST" for r in failures) and any(r["method"] == "GET" for r in failures), (
         "the outage produced no failed write and read: it did not happen"
+    )
     outage_latency = [r["elapsed"] for r in failures]
 
-    acked = dict((book_id, started) for started, book_id in traffic.acknowledged)
+    acked = {book_id: started for started, book_id in traffic.acknowledged}
     before_ids = [i for i, s in acked.items() if s < stop_began]
     after_ids = [i for i, s in acked.items() if s > started_at]
     assert before_ids and after_ids
     engine = create_engine(uri, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            stored = set(conn.execute(text("SELECT id FROM books WHERE id = ANY(:ids)"),
-                                      {"ids": list(acked)}).scalars())
+            stored = set(
+                conn.execute(text("SELECT id FROM books WHERE id = ANY(:ids)"), {"ids": list(acked)}).scalars()
+            )
     finally:
         engine.dispose()
     missing = sorted(set(acked) - stored)
     assert missing == [], f"acknowledged writes lost: {missing}"
-    print(f"\noutage: stop took {stopped_at - stop_began:.2f} s, down {start_began - stopped_at:.2f} s, "
-          f"start took {started_at - start_began:.2f} s; /readyz 200 {ready_after:.2f} s after the "
-          f"restart, 10 writes acknowledged {writes_after:.2f} s after that; {len(records)} requests, "
-          f"{len(failures)} x 503 (max {max(outage_latency):.3f} s), slowest of all {slowest:.3f} s; "
-          f"{len(acked)} acknowledged writes ({len(before_ids)} before, {len(after_ids)} after), all stored")
+    print(
+        f"\noutage: stop took {stopped_at - stop_began:.2f} s, down {start_began - stopped_at:.2f} s, "
+        f"start took {started_at - start_began:.2f} s; /readyz 200 {ready_after:.2f} s after the "
+        f"restart, 10 writes acknowledged {writes_after:.2f} s after that; {len(records)} requests, "
+        f"{len(failures)} x 503 (max {max(outage_latency):.3f} s), slowest of all {slowest:.3f} s; "
+        f"{len(acked)} acknowledged writes ({len(before_ids)} before, {len(after_ids)} after), all stored"
+    )

@@ -14,6 +14,7 @@ operations before any fixture exists); `test_spec_is_the_served_spec` proves the
 are the same. (`schemathesis.pytest.from_fixture` would avoid that, but schemathesis 4.32.5's lazy
 schemas write `request.node._nodeid`, which pytest 9.2 no longer has: AttributeError.)
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -21,18 +22,16 @@ import tempfile
 import jsonschema_rs
 import pytest
 import schemathesis
+from conftest import TEST_SECRET
 from hypothesis import HealthCheck, settings
 
 from service import create_app
-
-from conftest import TEST_SECRET
 
 FUZZ_SETTINGS = settings(
     max_examples=30,
     deadline=None,
     database=None,  # no example database: a run does not depend on earlier runs
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                           HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
     derandomize=True,  # a failure found once is found again on the next run
 )
 
@@ -48,9 +47,14 @@ def fuzz_app(make_app):
 def _spec_app():
     """Same code and settings as `make_app()`, but a database URI that is never connected to:
     building the app and serving /openapi.json open no connection."""
-    return create_app({"FLASK_ENV": "testing", "JWT_SECRET_KEY": TEST_SECRET,
-                       "DB_URI": "postgresql+psycopg2://spec-only@127.0.0.1:9/unused",
-                       "DATA_DIR": tempfile.gettempdir()})
+    return create_app(
+        {
+            "FLASK_ENV": "testing",
+            "JWT_SECRET_KEY": TEST_SECRET,
+            "DB_URI": "postgresql+psycopg2://spec-only@127.0.0.1:9/unused",
+            "DATA_DIR": tempfile.gettempdir(),
+        }
+    )
 
 
 SPEC_APP = _spec_app()
@@ -114,8 +118,10 @@ def test_fuzz_anonymous(case, books, fuzz_app):
     secured = bool(case.operation.definition.raw.get("security"))
     same_method = case.method.upper() == case.operation.method.upper()  # not an OPTIONS probe
     if secured and same_method and response.status_code < 400:
-        pytest.fail(f"{case.method} {case.formatted_path} succeeded without a token: "
-                    f"{response.status_code} {response.text[:200]!r}")
+        pytest.fail(
+            f"{case.method} {case.formatted_path} succeeded without a token: "
+            f"{response.status_code} {response.text[:200]!r}"
+        )
 
 
 @schema.parametrize()
@@ -127,8 +133,7 @@ def test_fuzz_authenticated(case, books, fuzz_app):
 
 # Generated `book_id`s almost never name a book that exists, so the found / not-the-owner paths
 # of every /books/{book_id} operation are called explicitly, through the same checks.
-BOOK_BODIES = {"GET": None, "DELETE": None, "PUT": {"title": "Replaced", "author": None},
-               "PATCH": {"title": "Patched"}}
+BOOK_BODIES = {"GET": None, "DELETE": None, "PUT": {"title": "Replaced", "author": None}, "PATCH": {"title": "Patched"}}
 
 
 @pytest.mark.parametrize("method", list(BOOK_BODIES))
@@ -144,9 +149,14 @@ def test_existing_books_match_the_spec(method, whose, token, books, fuzz_app):
     response = case.call_and_validate(headers=headers, app=fuzz_app)
     assert_error_shape(response)
     expected = {
-        ("GET", "own"): 200, ("GET", "foreign"): 200,
-        ("PUT", "own"): 200, ("PATCH", "own"): 200, ("DELETE", "own"): 204,
-        ("PUT", "foreign"): 403, ("PATCH", "foreign"): 403, ("DELETE", "foreign"): 403,
+        ("GET", "own"): 200,
+        ("GET", "foreign"): 200,
+        ("PUT", "own"): 200,
+        ("PATCH", "own"): 200,
+        ("DELETE", "own"): 204,
+        ("PUT", "foreign"): 403,
+        ("PATCH", "foreign"): 403,
+        ("DELETE", "foreign"): 403,
     }[(method, whose)]
     if not token and method != "GET":
         expected = 401
@@ -161,17 +171,16 @@ IMPOSSIBLE_IDS = ["0", str(2**63), "9" * 40]
 @pytest.mark.parametrize("method", list(BOOK_BODIES))
 def test_impossible_book_ids_are_404_for_every_method(method, book_id, books, fuzz_app):
     body = BOOK_BODIES[method]
-    response = fuzz_app.test_client().open(f"/books/{book_id}", method=method, json=body,
-                                           headers=books["headers"])
-    assert response.status_code == 404, (response.status_code, dict(response.headers),
-                                         response.get_json())
+    response = fuzz_app.test_client().open(f"/books/{book_id}", method=method, json=body, headers=books["headers"])
+    assert response.status_code == 404, (response.status_code, dict(response.headers), response.get_json())
     assert response.get_json()["error"]["code"] == "not_found"
 
 
 def test_book_id_is_documented_as_the_integer_it_is():
     """Clients and fuzzers read the parameter's type from the spec; the route takes 1..2**63-1."""
-    for method, operation in SPEC_APP.test_client().get("/openapi.json").get_json()[
-            "paths"]["/books/{book_id}"].items():
+    for method, operation in (
+        SPEC_APP.test_client().get("/openapi.json").get_json()["paths"]["/books/{book_id}"].items()
+    ):
         (parameter,) = [p for p in operation["parameters"] if p["name"] == "book_id"]
         assert parameter["in"] == "path" and parameter["required"] is True
         assert parameter["schema"].get("type") == "integer", (method, parameter)
@@ -189,8 +198,7 @@ NUL_BODIES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body"), NUL_BODIES,
-                         ids=[f"{m} {p}" for m, p, _ in NUL_BODIES])
+@pytest.mark.parametrize("method, path, body", NUL_BODIES, ids=[f"{m} {p}" for m, p, _ in NUL_BODIES])
 def test_spec_admits_a_body_exactly_when_the_service_does(method, path, body, books, fuzz_app):
     client = fuzz_app.test_client()
     document = client.get("/openapi.json").get_json()
@@ -198,12 +206,14 @@ def test_spec_admits_a_body_exactly_when_the_service_does(method, path, body, bo
     ref = request_body["content"]["application/json"]["schema"]["$ref"]
     body_schema = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
     admitted = jsonschema_rs.validator_for(body_schema).is_valid(body)
-    response = client.open(path.replace("{book_id}", str(books["own"])), method=method, json=body,
-                           headers=books["headers"])
+    response = client.open(
+        path.replace("{book_id}", str(books["own"])), method=method, json=body, headers=books["headers"]
+    )
     assert_error_shape(ClientResponse(response))
     assert admitted == (response.status_code != 422), (
         f"spec {'admits' if admitted else 'rejects'} {body!r}; service answered "
-        f"{response.status_code} {response.get_json()}")
+        f"{response.status_code} {response.get_json()}"
+    )
 
 
 def test_spec_is_the_served_spec(fuzz_app):

@@ -1,5 +1,6 @@
 """The JSON log format and request ids, in-process (the multi-process tests are in
 test_logging_stack.py)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import logging
 import pytest
 
 from bench.harness.polling import wait_for
-
 from logging_conf.formatter import JsonFormatter
 from service.observability.metrics import UNHANDLED
 
@@ -22,11 +22,11 @@ def _record(msg, *args, exc_info=None, **extra):
 
 
 def test_a_multiline_message_is_one_valid_json_line():
-    line = JsonFormatter().format(_record("first\nsecond\n\"quoted\"\ttab"))
+    line = JsonFormatter().format(_record('first\nsecond\n"quoted"\ttab'))
     assert "\n" not in line
     data = json.loads(line)
-    assert data["message"] == "first\nsecond\n\"quoted\"\ttab"
-    assert REQUIRED <= data.keys()
+    assert data["message"] == 'first\nsecond\n"quoted"\ttab'
+    assert data.keys() >= REQUIRED
     assert data["level"] == "WARNING" and data["logger"] == "test.logger"
     assert data["timestamp"].endswith("+00:00")  # ISO-8601, UTC
 
@@ -46,12 +46,15 @@ def test_exceptions_are_structured():
     assert "Traceback" in exc["traceback"]
 
 
-@pytest.mark.parametrize("text", [
-    "Authorization: Bearer abc.def.ghi",
-    'login {"password": "hunter2-secret"}',
-    "token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXZhbHVl",
-    "password=hunter2-secret&x=1",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Authorization: Bearer abc.def.ghi",
+        'login {"password": "hunter2-secret"}',
+        "token=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXZhbHVl",
+        "password=hunter2-secret&x=1",
+    ],
+)
 def test_credentials_are_redacted_from_any_line(text):
     line = JsonFormatter().format(_record(text))
     for secret in ("abc.def.ghi", "hunter2-secret", "eyJhbGciOiJIUzI1NiJ9"):
@@ -82,8 +85,12 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
         raise RuntimeError("exploded inside the view")
 
     def unhandled_count() -> float:
-        return sum(sample.value for family in UNHANDLED.collect() for sample in family.samples
-                   if sample.name.endswith("_total"))
+        return sum(
+            sample.value
+            for family in UNHANDLED.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
 
     before = unhandled_count()
     response = app.test_client().get("/boom", headers={"X-Request-ID": "boom-1"})
@@ -100,8 +107,9 @@ def test_an_error_in_a_request_logs_its_stack_with_the_request_id(make_app, tmp_
     assert errors[0]["exc_info"]["type"] == "RuntimeError"
     assert any(frame["function"] == "boom" for frame in errors[0]["exc_info"]["frames"])
     access = [line for line in lines if line.get("event") == "access"]
-    assert [(a["request_id"], a["status"], a["route"], a["level"]) for a in access] == \
-        [("boom-1", 500, "/boom", "ERROR")]
+    assert [(a["request_id"], a["status"], a["route"], a["level"]) for a in access] == [
+        ("boom-1", 500, "/boom", "ERROR")
+    ]
 
 
 class FakeClock:
@@ -148,8 +156,9 @@ def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
     from logging_conf.rotation import SharedTimedRotatingFileHandler
 
     clock = FakeClock()
-    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1, backupCount=2,
-                                             clock=clock)
+    handler = SharedTimedRotatingFileHandler(
+        str(tmp_path / "app.log"), when="S", interval=1, backupCount=2, clock=clock
+    )
     handler.setFormatter(JsonFormatter())
     try:
         for n in range(5):
@@ -159,8 +168,9 @@ def test_backups_beyond_the_count_are_deleted_and_none_is_overwritten(tmp_path):
         handler.close()
     backups = sorted(p for p in tmp_path.glob("app.log.*") if p.suffix != ".lock")
     assert len(backups) == 2
-    kept = [json.loads(p.read_text())["message"] for p in backups] + \
-        [json.loads(line)["message"] for line in (tmp_path / "app.log").read_text().splitlines()]
+    kept = [json.loads(p.read_text())["message"] for p in backups] + [
+        json.loads(line)["message"] for line in (tmp_path / "app.log").read_text().splitlines()
+    ]
     assert kept == ["line 2", "line 3", "line 4"]
 
 
@@ -194,8 +204,9 @@ def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn
     # The clock advances one period every 4,000 reads (at least one read per record): about six
     # rotations while the threads write, however fast or slow they run.
     reads = itertools.count()
-    handler = SharedTimedRotatingFileHandler(str(tmp_path / "app.log"), when="S", interval=1,
-                                             clock=lambda: 1_000_000 + next(reads) // 4000)
+    handler = SharedTimedRotatingFileHandler(
+        str(tmp_path / "app.log"), when="S", interval=1, clock=lambda: 1_000_000 + next(reads) // 4000
+    )
     handler.setFormatter(JsonFormatter())
 
     def writer(n: int) -> None:

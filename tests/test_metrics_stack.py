@@ -1,4 +1,5 @@
 """Metrics and crash reports from a real gunicorn with three workers."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,19 @@ THREADS = 4  # the shipped default (gthread)
 def stack(migrated_database, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("metrics")
     with SentryReceiver() as receiver:
-        env = stack_env(migrated_database("test_metrics"), data_dir, CRASH_ROUTE_ENABLED="1",
-                        SENTRY_DSN=receiver.dsn, SENTRY_TRACES_SAMPLE_RATE="0")
+        env = stack_env(
+            migrated_database("test_metrics"),
+            data_dir,
+            CRASH_ROUTE_ENABLED="1",
+            SENTRY_DSN=receiver.dsn,
+            SENTRY_TRACES_SAMPLE_RATE="0",
+        )
         with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
             # the master spawns workers one after another
-            wait_for(lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-                     f"{WORKERS} workers alive")
+            wait_for(
+                lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
+                f"{WORKERS} workers alive",
+            )
             stack.receiver = receiver
             stack.data_dir = data_dir
             stack.db_uri = env["DB_URI"]
@@ -41,8 +49,13 @@ def stack(migrated_database, tmp_path_factory):
 
 def test_series_are_present_and_move_with_requests(stack):
     before = scrape(stack.metrics_url)
-    for series in ("flaskapi_db_pool_capacity", "flaskapi_build_info", "flaskapi_workers_alive",
-                   "flaskapi_database_up", "flaskapi_worker_restarts_total"):
+    for series in (
+        "flaskapi_db_pool_capacity",
+        "flaskapi_build_info",
+        "flaskapi_workers_alive",
+        "flaskapi_database_up",
+        "flaskapi_worker_restarts_total",
+    ):
         assert has_metric(before, series), series
     assert metric(before, "flaskapi_build_info", version="0.1.0", workers=str(WORKERS)) == 1
     assert metric(before, "flaskapi_workers_alive") == WORKERS
@@ -57,15 +70,21 @@ def test_series_are_present_and_move_with_requests(stack):
     route = "/books/<book_id:book_id>"
     count = "flask_http_request_duration_seconds_count"
     # one series per route template, summed across workers: exactly the n requests just made
-    assert metric(after, count, method="GET", route=route, status="404") - \
-        metric(before, count, method="GET", route=route, status="404") == n
+    assert (
+        metric(after, count, method="GET", route=route, status="404")
+        - metric(before, count, method="GET", route=route, status="404")
+        == n
+    )
     assert not any("/books/7" in labels.get("route", "") for _, labels, _ in after)  # never the raw path
-    assert metric(after, "flaskapi_db_pool_wait_seconds_count") - metric(before, "flaskapi_db_pool_wait_seconds_count") >= n
+    assert (
+        metric(after, "flaskapi_db_pool_wait_seconds_count") - metric(before, "flaskapi_db_pool_wait_seconds_count")
+        >= n
+    )
     # every live worker reports its pool's capacity from its start (default: a connection per thread)
     assert metric(after, "flaskapi_db_pool_capacity") == WORKERS * THREADS
     # sampled gauges: all connections returned and no request in flight, within a sample
     for gauge in ("flaskapi_db_pool_checked_out", "flask_http_requests_in_progress"):
-        assert eventually(lambda: metric(scrape(stack.metrics_url), gauge), 0) == 0, gauge
+        assert eventually(lambda gauge=gauge: metric(scrape(stack.metrics_url), gauge), 0) == 0, gauge
     buckets = {labels["le"] for name, labels, _ in after if name == "flask_http_request_duration_seconds_bucket"}
     assert {"0.005", "30.0"} <= buckets
     assert len(reported_worker_pids(after)) == WORKERS
@@ -79,8 +98,9 @@ def test_requests_answered_by_an_early_hook_are_timed_too(stack):
     exporter's own hook runs earlier, so the 400 is in the latency histogram like any answer."""
     count, labels = "flask_http_request_duration_seconds_count", {"method": "POST", "route": "/books/", "status": "400"}
     before = metric(scrape(stack.metrics_url), count, **labels)
-    response = requests.post(stack.url + "/books/", data="{not json", timeout=10,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        stack.url + "/books/", data="{not json", timeout=10, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert metric(scrape(stack.metrics_url), count, **labels) - before == 1
 
@@ -110,8 +130,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
             if stop.is_set():
                 return
             try:
-                response = requests.post(stack.url + "/books/", json={"title": f"load {i}"},
-                                         headers=auth, timeout=10)
+                response = requests.post(stack.url + "/books/", json={"title": f"load {i}"}, headers=auth, timeout=10)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 # in flight on the worker that died (possibly cut between headers and body)
                 lost.append(repr(exc))
@@ -124,6 +143,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     threads = [threading.Thread(target=writer) for _ in range(4)]
     for thread in threads:
         thread.start()
+
     def restarts() -> float:
         return metric(scrape(stack.metrics_url), "flaskapi_worker_restarts_total") - restarts_before
 
@@ -136,15 +156,16 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
         for n in range(1, crashes + 1):
             with pytest.raises(requests.ConnectionError):  # the worker dies mid-request
                 requests.get(stack.url + "/auth/crash", timeout=10)
-            wait_for(lambda: restarts() >= n, f"restart {n} to be counted")
+            wait_for(lambda n=n: restarts() >= n, f"restart {n} to be counted")
             more_writes(20, f"after crash {n}")
     finally:
         stop.set()
         for thread in threads:
             thread.join(15)
 
-    wait_for(lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-             f"{WORKERS} workers alive again")
+    wait_for(
+        lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS, f"{WORKERS} workers alive again"
+    )
     after = scrape(stack.metrics_url)
     assert metric(after, "flaskapi_worker_restarts_total") - restarts_before == crashes
     assert metric(after, "flaskapi_worker_exits_total", cause="exit code 1") >= crashes
@@ -156,14 +177,16 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     assert len(lost) <= crashes * (THREADS - 1), lost
     engine = create_engine(stack.db_uri)
     with engine.connect() as conn:
-        stored = set(conn.execute(text("SELECT id FROM books WHERE id = ANY(:ids)"),
-                                  {"ids": acknowledged}).scalars())
+        stored = set(conn.execute(text("SELECT id FROM books WHERE id = ANY(:ids)"), {"ids": acknowledged}).scalars())
     engine.dispose()
     assert stored == set(acknowledged)
 
     # The master logged each death with pid and cause; the crash route logged its request id.
-    lines = [json.loads(line) for path in (stack.data_dir / "logs").glob("app.log*")
-             for line in path.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for path in (stack.data_dir / "logs").glob("app.log*")
+        for line in path.read_text().splitlines()
+    ]
     deaths = [line for line in lines if line.get("event") == "worker_died"]
     requested = [line for line in lines if line.get("event") == "crash_requested"]
     assert len(deaths) >= crashes and len(requested) >= crashes
@@ -178,7 +201,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
     reported = [int(e["tags"]["worker_pid"]) for e in master_events]
     assert sorted(reported) == sorted(set(reported)), "a death was reported twice"
     assert set(reported) >= {r["pid"] for r in requested}
-    crash_events = receiver.wait_for(lambda e: (e.get("logger") == "service.crash"), count=crashes)
+    crash_events = receiver.wait_for(lambda e: e.get("logger") == "service.crash", count=crashes)
     assert {e["tags"]["request_id"] for e in crash_events} >= {r["request_id"] for r in requested}
 
 
@@ -195,15 +218,20 @@ def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
         # Not just "gone from the pids": a killed worker is a zombie (no memory series) until
         # the master reaps it, and only then is its exit counted and a replacement forked.
         after = scrape(stack.metrics_url)
-        if (victim not in reported_worker_pids(after) and metric(after, "flaskapi_workers_alive") == WORKERS
-                and metric(after, "flaskapi_worker_exits_total") > metric(before, "flaskapi_worker_exits_total")):
+        if (
+            victim not in reported_worker_pids(after)
+            and metric(after, "flaskapi_workers_alive") == WORKERS
+            and metric(after, "flaskapi_worker_exits_total") > metric(before, "flaskapi_worker_exits_total")
+        ):
             return after
         return None
 
     after = wait_for(replaced, f"worker {victim} to be replaced")
     assert metric(after, "flaskapi_worker_restarts_total") - metric(before, "flaskapi_worker_restarts_total") == 1
-    assert metric(after, "flaskapi_worker_exits_total", cause="SIGKILL") == \
-        metric(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1
+    assert (
+        metric(after, "flaskapi_worker_exits_total", cause="SIGKILL")
+        == metric(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1
+    )
     [event] = stack.receiver.wait_for(lambda e: str(e.get("tags", {}).get("worker_pid")) == str(victim))
     assert event["tags"]["cause"] == "SIGKILL"
     assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
@@ -212,8 +240,9 @@ def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
 def test_a_worker_stuck_past_the_timeout_is_aborted_and_reported(migrated_database, tmp_path):
     """A sync worker silent for GUNICORN_TIMEOUT is aborted by the master: cause "timeout"."""
     uri = migrated_database("test_worker_timeout")
-    env = stack_env(uri, tmp_path, GUNICORN_THREADS="1", GUNICORN_TIMEOUT="2",
-                    DB_STATEMENT_TIMEOUT_MS="120000", LOG_CONSOLE="0")
+    env = stack_env(
+        uri, tmp_path, GUNICORN_THREADS="1", GUNICORN_TIMEOUT="2", DB_STATEMENT_TIMEOUT_MS="120000", LOG_CONSOLE="0"
+    )
     engine = create_engine(uri)
     with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stuck:
         with engine.connect() as conn:
@@ -221,11 +250,14 @@ def test_a_worker_stuck_past_the_timeout_is_aborted_and_reported(migrated_databa
             with pytest.raises(requests.ConnectionError):
                 requests.get(stuck.url + "/books/", timeout=90)  # aborted after 2 s, however slow the box
             conn.rollback()
-        wait_for(lambda: metric(scrape(stuck.metrics_url), "flaskapi_worker_exits_total", cause="timeout") >= 1,
-                 "a timeout exit to be counted")
+        wait_for(
+            lambda: metric(scrape(stuck.metrics_url), "flaskapi_worker_exits_total", cause="timeout") >= 1,
+            "a timeout exit to be counted",
+        )
         assert metric(scrape(stuck.metrics_url), "flaskapi_worker_restarts_total") == 1
         assert requests.get(stuck.url + "/books/", timeout=5).status_code == 200
     engine.dispose()
-    died = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()
-            if '"worker_died"' in line]
+    died = [
+        json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines() if '"worker_died"' in line
+    ]
     assert [d["cause"] for d in died] == ["timeout"]

@@ -1,9 +1,9 @@
 """The dashboard and alerts on real data: gunicorn + Prometheus + a short locust run with one
 crash and one slow-database spell, then every dashboard query evaluated through Prometheus."""
+
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +12,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bench import report
-from bench.harness.environment import ROOT, free_port, locust_env, stack_env
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
@@ -30,8 +30,11 @@ def hold_books_lock(db_uri: str, metrics_url: str) -> None:
     """A slow database: lock the books table so every books query waits past the statement
     timeout and is answered 503 (database_timeout). It starts once the crash's restart is
     counted, so the two faults come one after the other whatever the machine's speed."""
-    wait_for(lambda: metric(scrape(metrics_url), "flaskapi_worker_restarts_total") >= 1,
-             "the scheduled crash's restart", timeout=RUN_SECONDS + 60)
+    wait_for(
+        lambda: metric(scrape(metrics_url), "flaskapi_worker_restarts_total") >= 1,
+        "the scheduled crash's restart",
+        timeout=RUN_SECONDS + 60,
+    )
     engine = create_engine(db_uri)
     with engine.connect() as conn:
         conn.execute(text("LOCK TABLE books IN ACCESS EXCLUSIVE MODE"))
@@ -44,8 +47,7 @@ def hold_books_lock(db_uri: str, metrics_url: str) -> None:
 def run(migrated_database, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("monitoring")
     db_uri = migrated_database("test_monitoring")
-    env = stack_env(db_uri, data_dir, CRASH_ROUTE_ENABLED="1", DB_STATEMENT_TIMEOUT_MS="500",
-                    LOG_CONSOLE="0")
+    env = stack_env(db_uri, data_dir, CRASH_ROUTE_ENABLED="1", DB_STATEMENT_TIMEOUT_MS="500", LOG_CONSOLE="0")
     locust_port = free_port()
     with Gunicorn(env, workers=3, log_path=data_dir / "gunicorn.out") as stack:
         targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
@@ -55,17 +57,24 @@ def run(migrated_database, tmp_path_factory):
             staller.start()
             generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
             result = subprocess.run(
-                [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "30", "-r", "10",
-                 "-t", f"{RUN_SECONDS}s", "--host", stack.url, "--only-summary", "--exit-code-on-error", "0",
-                 "--stop-timeout", "5"],
-                cwd=ROOT, env=generator, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
+                locust_command(stack.url, users=30, rate=10, seconds=RUN_SECONDS),
+                check=False,
+                cwd=ROOT,
+                env=generator,
+                capture_output=True,
+                text=True,
+                timeout=RUN_SECONDS + 60,
+            )
             staller.join(RUN_SECONDS + 90)
             assert not staller.is_alive(), "the database stall never ended"
             load_ended = time.time()
             # two more scrapes of the app after the last request, so every rate sees the end
-            wait_for(lambda: any(float(s["value"][1]) > load_ended + 1 for s in
-                                 prometheus.query('timestamp(up{job="flaskapi"})')),
-                     "two scrapes after the load ended")
+            wait_for(
+                lambda: any(
+                    float(s["value"][1]) > load_ended + 1 for s in prometheus.query('timestamp(up{job="flaskapi"})')
+                ),
+                "two scrapes after the load ended",
+            )
             ended = time.time()
             yield prometheus, started_wall, ended, result, data_dir
 

@@ -5,6 +5,7 @@ and every PromQL expression of the dashboard and the rules parsed by a real Prom
 Needs `prometheus` and `promtool` (Debian: `apt-get install prometheus`; the CI script installs
 them). A missing binary fails the test rather than skipping it.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,15 @@ RULE_TESTS = MONITORING / "rules" / "flaskapi.rules.test.yml"
 PROVISIONING = MONITORING / "grafana" / "provisioning"
 DASHBOARD = report.DASHBOARD
 
-ALERTS = {"FlaskapiHigh5xxRatio", "FlaskapiLatencyP95AboveSLO", "FlaskapiDbPoolSaturated",
-          "FlaskapiDbPoolCheckoutTimeouts", "FlaskapiWorkerRestarted", "FlaskapiNotReady",
-          "FlaskapiTargetDown"}
+ALERTS = {
+    "FlaskapiHigh5xxRatio",
+    "FlaskapiLatencyP95AboveSLO",
+    "FlaskapiDbPoolSaturated",
+    "FlaskapiDbPoolCheckoutTimeouts",
+    "FlaskapiWorkerRestarted",
+    "FlaskapiNotReady",
+    "FlaskapiTargetDown",
+}
 # What Grafana substitutes before a query reaches Prometheus, and what we substitute here. The
 # report renderer handles exactly these, so the dashboard may use no other variable in an expr.
 MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
@@ -39,14 +46,18 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 def binary(name: str) -> str:
     path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if path is None:
-        pytest.fail(f"`{name}` not found: install it with `apt-get install prometheus` (Debian/Ubuntu; "
-                    "it brings prometheus and promtool). The CI script installs it.", pytrace=False)
+        pytest.fail(
+            f"`{name}` not found: install it with `apt-get install prometheus` (Debian/Ubuntu; "
+            "it brings prometheus and promtool). The CI script installs it.",
+            pytrace=False,
+        )
     return path
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([binary("promtool"), *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [binary("promtool"), *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -56,8 +67,7 @@ def load_yaml(path: Path):
 
 
 def alert_rules() -> dict[str, dict]:
-    return {rule["alert"]: rule for group in load_yaml(RULES)["groups"] for rule in group["rules"]
-            if "alert" in rule}
+    return {rule["alert"]: rule for group in load_yaml(RULES)["groups"] for rule in group["rules"] if "alert" in rule}
 
 
 def dashboard() -> dict:
@@ -67,18 +77,23 @@ def dashboard() -> dict:
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(where, expr) for every panel target and every Prometheus annotation."""
     board = dashboard()
-    exprs = [(f"panel {panel.title!r} target {ref}", expr)
-             for panel in report.panels(board) for ref, expr, _ in panel.targets]
+    exprs = [
+        (f"panel {panel.title!r} target {ref}", expr)
+        for panel in report.panels(board)
+        for ref, expr, _ in panel.targets
+    ]
     exprs += [(f"annotation {name!r}", expr) for name, expr in report.annotation_exprs(board)]
     return exprs
 
 
 def substitute(expr: str) -> str:
-    return report.substitute(expr, rate_interval=MACROS["$__rate_interval"],
-                             interval=MACROS["$__interval"], range_=MACROS["$__range"])
+    return report.substitute(
+        expr, rate_interval=MACROS["$__rate_interval"], interval=MACROS["$__interval"], range_=MACROS["$__range"]
+    )
 
 
 # --- Prometheus configuration and rules ----------------------------------------------------------
+
 
 def test_prometheus_config_is_valid():
     # The real file, in place: its rule_files path is resolved relative to it, so the rules it
@@ -92,10 +107,10 @@ def test_prometheus_config_scrapes_the_app_the_load_generator_and_itself():
     assert config["global"]["scrape_interval"] == "5s"
     assert config["global"]["evaluation_interval"] == "5s"
     assert config["rule_files"] == ["rules/flaskapi.rules.yml"]
-    jobs = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
-            for job in config["scrape_configs"]}
-    assert jobs == {"flaskapi": ["127.0.0.1:9200"], "locust": ["127.0.0.1:9646"],
-                    "prometheus": ["127.0.0.1:9090"]}
+    jobs = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+    }
+    assert jobs == {"flaskapi": ["127.0.0.1:9200"], "locust": ["127.0.0.1:9646"], "prometheus": ["127.0.0.1:9090"]}
 
 
 def test_rules_are_valid():
@@ -134,6 +149,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test():
 
 # --- Grafana provisioning -------------------------------------------------------------------------
 
+
 def test_datasource_provisioning():
     config = load_yaml(PROVISIONING / "datasources" / "prometheus.yml")
     assert config["apiVersion"] == 1
@@ -156,6 +172,7 @@ def test_dashboard_provisioning():
 
 
 # --- the dashboard --------------------------------------------------------------------------------
+
 
 def test_dashboard_settings():
     board = dashboard()
@@ -191,11 +208,21 @@ def test_every_panel_is_complete():
 
 def test_dashboard_has_the_panels_of_the_story():
     titles = {p["title"] for p in report.flatten(dashboard()["panels"])}
-    for expected in ("Locust users", "Locust RPS and failures/s", "Request rate by route",
-                     "Latency p50/p95/p99", "Error rate by status (4xx/5xx)",
-                     "DB pool: in use vs capacity", "DB pool wait p95",
-                     "DB pool checkout timeouts (per minute)", "Worker restarts and workers alive",
-                     "Per-worker memory", "Per-worker CPU", "Database up", "Requests in progress"):
+    for expected in (
+        "Locust users",
+        "Locust RPS and failures/s",
+        "Request rate by route",
+        "Latency p50/p95/p99",
+        "Error rate by status (4xx/5xx)",
+        "DB pool: in use vs capacity",
+        "DB pool wait p95",
+        "DB pool checkout timeouts (per minute)",
+        "Worker restarts and workers alive",
+        "Per-worker memory",
+        "Per-worker CPU",
+        "Database up",
+        "Requests in progress",
+    ):
         assert expected in titles
     assert any(t.startswith("Locust response time percentiles") for t in titles)
     stats = [p for p in report.flatten(dashboard()["panels"]) if p["title"] == "Database up"]
@@ -217,11 +244,12 @@ def test_exprs_use_only_the_macros_the_renderer_knows():
         assert not unknown, f"{where}: {unknown} in {expr}"
         for call in re.finditer(r"\b(?:rate|increase)\(", expr):
             # the range selector: brackets right after a selector or a name, not a regex's [45]
-            window = re.search(r"(?<=[}\w])\[([^\]]+)\]", expr[call.end():])
+            window = re.search(r"(?<=[}\w])\[([^\]]+)\]", expr[call.end() :])
             assert window and window.group(1) == "$__rate_interval", f"{where}: {expr}"
 
 
 # --- every expression parsed by a real Prometheus -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):

@@ -1,4 +1,5 @@
 """The instrumented pool, in-process: its log lines follow SQLAlchemy's, not its module's."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Sentry events from the app, received on a local port in Sentry's envelope protocol."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,10 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
         raise RuntimeError("kaboom in a view")
 
     response = app.test_client().post(
-        "/explode", json={"title": "t", "password": PASSWORD},
-        headers={"X-Request-ID": "sentry-req-1", "Authorization": f"Bearer {TOKEN}",
-                 "Cookie": f"session={PASSWORD}"})
+        "/explode",
+        json={"title": "t", "password": PASSWORD},
+        headers={"X-Request-ID": "sentry-req-1", "Authorization": f"Bearer {TOKEN}", "Cookie": f"session={PASSWORD}"},
+    )
     assert response.status_code == 500
     sentry_sdk.flush(5)
     [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("request_id") == "sentry-req-1")
@@ -61,11 +63,18 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
 TRACING_PROGRAM = "tests.programs.sentry_tracing"
 
 
-def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
-        database_uri, tmp_path, receiver):
-    result = run_command([sys.executable, "-m", TRACING_PROGRAM],
-                         {**os.environ, "TEST_DB_URI": database_uri, "TEST_TMP": str(tmp_path),
-                          "TEST_DSN": receiver.dsn, "TEST_TOKEN": TOKEN}, timeout=120)
+def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(database_uri, tmp_path, receiver):
+    result = run_command(
+        [sys.executable, "-m", TRACING_PROGRAM],
+        {
+            **os.environ,
+            "TEST_DB_URI": database_uri,
+            "TEST_TMP": str(tmp_path),
+            "TEST_DSN": receiver.dsn,
+            "TEST_TOKEN": TOKEN,
+        },
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("request_id") == "traced-req")
     assert event["exception"]["values"][-1]["type"] == "RuntimeError"
@@ -80,16 +89,18 @@ def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
 
 def test_auth_bodies_never_leave_and_sensitive_keys_are_filtered():
     event = {
-        "request": {"url": "http://h/auth/login", "data": {"email": "a@b.c", "password": PASSWORD},
-                    "headers": {"Authorization": f"Bearer {TOKEN}", "Cookie": "x=1", "Accept": "*/*"},
-                    "cookies": {"session": "abc"}},
+        "request": {
+            "url": "http://h/auth/login",
+            "data": {"email": "a@b.c", "password": PASSWORD},
+            "headers": {"Authorization": f"Bearer {TOKEN}", "Cookie": "x=1", "Accept": "*/*"},
+            "cookies": {"session": "abc"},
+        },
         "extra": {"api_token": "t0k3n", "note": f"got Bearer {TOKEN}", "count": 3},
         "breadcrumbs": {"values": [{"message": f"password={PASSWORD}"}]},
     }
     cleaned = scrub(event)
     assert "data" not in cleaned["request"] and "cookies" not in cleaned["request"]
-    assert cleaned["request"]["headers"] == {"Authorization": "[Filtered]", "Cookie": "[Filtered]",
-                                             "Accept": "*/*"}
+    assert cleaned["request"]["headers"] == {"Authorization": "[Filtered]", "Cookie": "[Filtered]", "Accept": "*/*"}
     assert cleaned["extra"]["api_token"] == "[Filtered]" and cleaned["extra"]["count"] == 3
     assert TOKEN not in str(cleaned) and PASSWORD not in str(cleaned)
 
@@ -106,8 +117,7 @@ def test_degraded_reports_are_rate_limited_per_kind(monkeypatch):
     assert other is not None and again is not None  # worker deaths are never dropped
 
 
-def test_without_tracing_a_request_that_raises_nothing_sends_nothing_and_leaves_no_scope_data(
-        make_app, receiver):
+def test_without_tracing_a_request_that_raises_nothing_sends_nothing_and_leaves_no_scope_data(make_app, receiver):
     """The default mode adds no per-request state: an event captured outside a request, after
     requests were served on this thread, carries no request and no request id."""
     app = make_app(SENTRY_DSN=receiver.dsn, SENTRY_TRACES_SAMPLE_RATE="0")

@@ -1,4 +1,5 @@
 """Settings.from_env and create_app: production refuses to start without what it needs."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,12 +14,36 @@ PREFIX = "flaskapi-observability: configuration error: "
 
 # Every variable these tests depend on: none may leak in from the real environment.
 VARIABLES = (
-    "FLASK_ENV", "DB_URI", "DATABASE_URL", "JWT_SECRET_KEY", "JWT_ACCESS_TOKEN_EXPIRES", "DATA_DIR",
-    "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE", "DB_CONNECT_TIMEOUT", "DB_PING_IDLE_SECONDS",
-    "DB_STATEMENT_TIMEOUT_MS", "MAX_CONTENT_LENGTH", "BOOKS_PAGE_SIZE", "TRUSTED_PROXIES",
-    "PASSWORD_HASH_TIME_COST", "PASSWORD_HASH_MEMORY_KIB", "PASSWORD_HASH_PARALLELISM",
-    "CRASH_ROUTE_ENABLED", "APP_VERSION", "LOG_LEVEL", "LOG_DIR", "LOG_FILE", "LOG_TO_FILE",
-    "LOG_ROTATE_WHEN", "LOG_ROTATE_INTERVAL", "LOG_BACKUP_COUNT", "LOG_GZIP", "LOG_CONSOLE",
+    "FLASK_ENV",
+    "DB_URI",
+    "DATABASE_URL",
+    "JWT_SECRET_KEY",
+    "JWT_ACCESS_TOKEN_EXPIRES",
+    "DATA_DIR",
+    "DB_POOL_SIZE",
+    "DB_MAX_OVERFLOW",
+    "DB_POOL_TIMEOUT",
+    "DB_POOL_RECYCLE",
+    "DB_CONNECT_TIMEOUT",
+    "DB_PING_IDLE_SECONDS",
+    "DB_STATEMENT_TIMEOUT_MS",
+    "MAX_CONTENT_LENGTH",
+    "BOOKS_PAGE_SIZE",
+    "TRUSTED_PROXIES",
+    "PASSWORD_HASH_TIME_COST",
+    "PASSWORD_HASH_MEMORY_KIB",
+    "PASSWORD_HASH_PARALLELISM",
+    "CRASH_ROUTE_ENABLED",
+    "APP_VERSION",
+    "LOG_LEVEL",
+    "LOG_DIR",
+    "LOG_FILE",
+    "LOG_TO_FILE",
+    "LOG_ROTATE_WHEN",
+    "LOG_ROTATE_INTERVAL",
+    "LOG_BACKUP_COUNT",
+    "LOG_GZIP",
+    "LOG_CONSOLE",
 )
 
 
@@ -32,9 +57,15 @@ def clean_environment(monkeypatch):
 def production(tmp_path, database_uri):
     """Overrides for a production app that can start; tests remove or change one thing.
     Logs stay on stderr (no logs/ directory written into the checkout)."""
-    return {"FLASK_ENV": "production", "DB_URI": database_uri, "JWT_SECRET_KEY": STRONG_KEY,
-            "DATA_DIR": str(tmp_path), "LOG_TO_FILE": "0",
-            "PASSWORD_HASH_TIME_COST": "1", "PASSWORD_HASH_MEMORY_KIB": "1024"}
+    return {
+        "FLASK_ENV": "production",
+        "DB_URI": database_uri,
+        "JWT_SECRET_KEY": STRONG_KEY,
+        "DATA_DIR": str(tmp_path),
+        "LOG_TO_FILE": "0",
+        "PASSWORD_HASH_TIME_COST": "1",
+        "PASSWORD_HASH_MEMORY_KIB": "1024",
+    }
 
 
 @pytest.fixture
@@ -54,10 +85,11 @@ def refused(config) -> str:
     assert isinstance(message, str)
     assert "\n" not in message
     assert message.startswith(PREFIX)
-    return message[len(PREFIX):]
+    return message[len(PREFIX) :]
 
 
 # --- production guards ---------------------------------------------------------------------
+
 
 def test_production_without_jwt_secret_exits(production):
     del production["JWT_SECRET_KEY"]
@@ -121,14 +153,16 @@ def test_production_with_strong_key_and_db_uri_starts_and_serves(production, sta
 def test_production_is_the_default_environment(tmp_path):
     # .flaskenv says development; without it (an empty FLASK_ENV override falls through to the
     # default) the service assumes production and applies its guards.
-    with pytest.raises(SettingsError, match="^DB_URI"):
+    with pytest.raises(SettingsError, match=r"^DB_URI"):
         Settings.from_env({"FLASK_ENV": "", "DATA_DIR": str(tmp_path)})
 
 
 def test_flaskenv_file_is_read_but_overrides_win(tmp_path):
     assert Settings.from_env({"DB_URI": "postgresql://u@h/d", "DATA_DIR": str(tmp_path)}).env == "development"
-    assert Settings.from_env({"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d",
-                              "DATA_DIR": str(tmp_path)}).env == "testing"
+    assert (
+        Settings.from_env({"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d", "DATA_DIR": str(tmp_path)}).env
+        == "testing"
+    )
 
 
 def test_unknown_environment_is_refused(production):
@@ -138,29 +172,40 @@ def test_unknown_environment_is_refused(production):
 
 # --- database URI --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("given, expected", [
-    ("postgres://u:p@db.example:5432/books", "postgresql+psycopg2://u:p@db.example:5432/books"),
-    ("postgresql://u:p@db.example/books", "postgresql+psycopg2://u:p@db.example/books"),
-    ("postgresql+psycopg2://u:p@db.example/books", "postgresql+psycopg2://u:p@db.example/books"),
-])
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("postgres://u:p@db.example:5432/books", "postgresql+psycopg2://u:p@db.example:5432/books"),
+        ("postgresql://u:p@db.example/books", "postgresql+psycopg2://u:p@db.example/books"),
+        ("postgresql+psycopg2://u:p@db.example/books", "postgresql+psycopg2://u:p@db.example/books"),
+    ],
+)
 def test_database_uri_is_normalised(given, expected, tmp_path):
     assert normalise_database_uri(given) == expected
-    settings = Settings.from_env({"FLASK_ENV": "production", "DATABASE_URL": given,
-                                  "JWT_SECRET_KEY": STRONG_KEY, "DATA_DIR": str(tmp_path)})
+    settings = Settings.from_env(
+        {"FLASK_ENV": "production", "DATABASE_URL": given, "JWT_SECRET_KEY": STRONG_KEY, "DATA_DIR": str(tmp_path)}
+    )
     assert settings.database_uri == expected
 
 
 def test_db_uri_wins_over_database_url(tmp_path):
-    settings = Settings.from_env({"FLASK_ENV": "production", "DB_URI": "postgresql://a@h/one",
-                                  "DATABASE_URL": "postgres://b@h/two", "JWT_SECRET_KEY": STRONG_KEY,
-                                  "DATA_DIR": str(tmp_path)})
+    settings = Settings.from_env(
+        {
+            "FLASK_ENV": "production",
+            "DB_URI": "postgresql://a@h/one",
+            "DATABASE_URL": "postgres://b@h/two",
+            "JWT_SECRET_KEY": STRONG_KEY,
+            "DATA_DIR": str(tmp_path),
+        }
+    )
     assert settings.database_uri == "postgresql+psycopg2://a@h/one"
 
 
 def test_database_url_alias_starts_production_app(production, database_uri, started):
     del production["DB_URI"]
     assert database_uri.startswith("postgresql+psycopg2://")
-    production["DATABASE_URL"] = "postgres://" + database_uri[len("postgresql+psycopg2://"):]
+    production["DATABASE_URL"] = "postgres://" + database_uri[len("postgresql+psycopg2://") :]
     app = create_app(production)
     started.append(app)
     assert app.config["SQLALCHEMY_DATABASE_URI"] == database_uri
@@ -169,7 +214,7 @@ def test_database_url_alias_starts_production_app(production, database_uri, star
 
 def test_database_url_from_real_environment(production, database_uri, monkeypatch, started):
     del production["DB_URI"]
-    monkeypatch.setenv("DATABASE_URL", "postgres://" + database_uri[len("postgresql+psycopg2://"):])
+    monkeypatch.setenv("DATABASE_URL", "postgres://" + database_uri[len("postgresql+psycopg2://") :])
     app = create_app(production)
     started.append(app)
     assert app.config["SQLALCHEMY_DATABASE_URI"] == database_uri
@@ -177,25 +222,30 @@ def test_database_url_from_real_environment(production, database_uri, monkeypatc
 
 # --- numbers and flags ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("DB_POOL_SIZE", "abc", "DB_POOL_SIZE must be an integer, got 'abc'"),
-    ("DB_POOL_SIZE", "1.5", "DB_POOL_SIZE must be an integer, got '1.5'"),
-    ("DB_POOL_SIZE", "0", "DB_POOL_SIZE must be >= 1, got 0"),
-    ("DB_MAX_OVERFLOW", "-1", "DB_MAX_OVERFLOW must be >= 0, got -1"),
-    ("JWT_ACCESS_TOKEN_EXPIRES", "soon", "JWT_ACCESS_TOKEN_EXPIRES must be an integer, got 'soon'"),
-    ("MAX_CONTENT_LENGTH", "10", "MAX_CONTENT_LENGTH must be >= 1024, got 10"),
-    ("DB_POOL_TIMEOUT", "fast", "DB_POOL_TIMEOUT must be a number, got 'fast'"),
-    ("CRASH_ROUTE_ENABLED", "maybe", "CRASH_ROUTE_ENABLED must be a boolean"),
-])
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("DB_POOL_SIZE", "abc", "DB_POOL_SIZE must be an integer, got 'abc'"),
+        ("DB_POOL_SIZE", "1.5", "DB_POOL_SIZE must be an integer, got '1.5'"),
+        ("DB_POOL_SIZE", "0", "DB_POOL_SIZE must be >= 1, got 0"),
+        ("DB_MAX_OVERFLOW", "-1", "DB_MAX_OVERFLOW must be >= 0, got -1"),
+        ("JWT_ACCESS_TOKEN_EXPIRES", "soon", "JWT_ACCESS_TOKEN_EXPIRES must be an integer, got 'soon'"),
+        ("MAX_CONTENT_LENGTH", "10", "MAX_CONTENT_LENGTH must be >= 1024, got 10"),
+        ("DB_POOL_TIMEOUT", "fast", "DB_POOL_TIMEOUT must be a number, got 'fast'"),
+        ("CRASH_ROUTE_ENABLED", "maybe", "CRASH_ROUTE_ENABLED must be a boolean"),
+    ],
+)
 def test_invalid_values_exit_naming_the_variable(production, name, value, expected):
     production[name] = value
     assert refused(production).startswith(expected)
 
 
 def test_settings_error_from_from_env(tmp_path):
-    with pytest.raises(SettingsError, match="^DB_POOL_SIZE must be an integer, got 'abc'$"):
-        Settings.from_env({"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d",
-                           "DATA_DIR": str(tmp_path), "DB_POOL_SIZE": "abc"})
+    with pytest.raises(SettingsError, match=r"^DB_POOL_SIZE must be an integer, got 'abc'$"):
+        Settings.from_env(
+            {"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d", "DATA_DIR": str(tmp_path), "DB_POOL_SIZE": "abc"}
+        )
 
 
 def test_invalid_value_in_real_environment_exits(production, monkeypatch):
@@ -212,8 +262,14 @@ def test_override_wins_over_invalid_environment(production, monkeypatch, started
 
 
 def test_settings_reach_the_app(make_app):
-    app = make_app(DB_POOL_SIZE="2", DB_MAX_OVERFLOW="1", DB_POOL_TIMEOUT="1.5",
-                   JWT_ACCESS_TOKEN_EXPIRES="90", MAX_CONTENT_LENGTH="4096", BOOKS_PAGE_SIZE="7")
+    app = make_app(
+        DB_POOL_SIZE="2",
+        DB_MAX_OVERFLOW="1",
+        DB_POOL_TIMEOUT="1.5",
+        JWT_ACCESS_TOKEN_EXPIRES="90",
+        MAX_CONTENT_LENGTH="4096",
+        BOOKS_PAGE_SIZE="7",
+    )
     options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
     assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (2, 1, 1.5)
     assert app.config["JWT_ACCESS_TOKEN_EXPIRES"].total_seconds() == 90
@@ -224,14 +280,23 @@ def test_settings_reach_the_app(make_app):
 
 
 def test_defaults(tmp_path):
-    settings = Settings.from_env({"FLASK_ENV": "production", "DB_URI": "postgresql://u@h/d",
-                                  "JWT_SECRET_KEY": STRONG_KEY, "DATA_DIR": str(tmp_path)})
+    settings = Settings.from_env(
+        {
+            "FLASK_ENV": "production",
+            "DB_URI": "postgresql://u@h/d",
+            "JWT_SECRET_KEY": STRONG_KEY,
+            "DATA_DIR": str(tmp_path),
+        }
+    )
     assert settings.crash_route_enabled is False
     assert settings.page_size_default == 20
     assert settings.jwt_access_token_expires == 3600
     assert settings.max_content_length == 64 * 1024
-    assert (settings.password_time_cost, settings.password_memory_cost, settings.password_parallelism) \
-        == (2, 19 * 1024, 1)
+    assert (settings.password_time_cost, settings.password_memory_cost, settings.password_parallelism) == (
+        2,
+        19 * 1024,
+        1,
+    )
 
 
 def test_development_secret_is_generated_once_and_kept(tmp_path):
@@ -249,11 +314,18 @@ def test_development_secret_is_generated_once_and_kept(tmp_path):
 
 # --- crash route ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["1", "true", "on", "yes"])
 def test_crash_route_flag_parses(tmp_path, value):
     # Parsed only: an app with the route enabled is never built in-process (it calls os._exit).
-    settings = Settings.from_env({"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d",
-                                  "DATA_DIR": str(tmp_path), "CRASH_ROUTE_ENABLED": value})
+    settings = Settings.from_env(
+        {
+            "FLASK_ENV": "testing",
+            "DB_URI": "postgresql://u@h/d",
+            "DATA_DIR": str(tmp_path),
+            "CRASH_ROUTE_ENABLED": value,
+        }
+    )
     assert settings.crash_route_enabled is True
 
 
@@ -282,9 +354,12 @@ def test_trusted_proxy_supplies_the_client_address(make_app):
     direct = make_app().test_client()
     seen = {}
     for name, client in (("behind", behind), ("direct", direct)):
+
         @client.application.get("/__addr")
         def addr():
             from flask import request
+
             return {"remote_addr": request.remote_addr}
+
         seen[name] = client.get("/__addr", headers=headers).get_json()["remote_addr"]
     assert seen == {"behind": "203.0.113.7", "direct": "127.0.0.1"}

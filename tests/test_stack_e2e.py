@@ -4,6 +4,7 @@ unmodified against it, and the production guard that refuses to start a weak con
 
 Every process is started here and stopped here, by PID (process group), with timeouts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,21 +17,24 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from service import devdb
-
 from bench.harness.commands import run_command
-from bench.harness.environment import free_port, locust_env
+from bench.harness.environment import free_port, locust_command, locust_env
 from bench.harness.gunicorn import CONFIG, GUNICORN, Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.process import ManagedProcess
+from service import devdb
 
 pytestmark = pytest.mark.stack
 
 SECRET = "s" * 48  # 48 bytes: passes the production guard
 # Empty means "use the default" to Settings, so an ambient value cannot lower the cost or turn
 # the crash route on; nothing here is left to whatever the caller's shell exports.
-DEFAULTS = {"PASSWORD_HASH_TIME_COST": "", "PASSWORD_HASH_MEMORY_KIB": "",
-            "PASSWORD_HASH_PARALLELISM": "", "CRASH_ROUTE_ENABLED": ""}
+DEFAULTS = {
+    "PASSWORD_HASH_TIME_COST": "",
+    "PASSWORD_HASH_MEMORY_KIB": "",
+    "PASSWORD_HASH_PARALLELISM": "",
+    "CRASH_ROUTE_ENABLED": "",
+}
 LOCUST_USERS = 30
 
 
@@ -69,8 +73,13 @@ def stack_dir(tmp_path_factory) -> Path:
 def stack_db(postgres, stack_dir) -> str:
     """A fresh database, migrated by `python -m flask db upgrade` as an operator runs it."""
     uri = devdb.create_database(postgres, "test_stack")
-    env = base_env(DB_URI=uri, FLASK_ENV="production", JWT_SECRET_KEY=SECRET,
-                   DATA_DIR=str(stack_dir), LOG_DIR=str(stack_dir / "logs"))
+    env = base_env(
+        DB_URI=uri,
+        FLASK_ENV="production",
+        JWT_SECRET_KEY=SECRET,
+        DATA_DIR=str(stack_dir),
+        LOG_DIR=str(stack_dir / "logs"),
+    )
     result = run([sys.executable, "-m", "flask", "db", "upgrade"], env, timeout=120)
     assert result.returncode == 0, result.stdout
     engine = create_engine(uri)
@@ -84,8 +93,14 @@ def stack_db(postgres, stack_dir) -> str:
 
 @pytest.fixture(scope="module")
 def stack(stack_db, stack_dir):
-    env = {"FLASK_ENV": "production", "DB_URI": stack_db, "JWT_SECRET_KEY": SECRET,
-           "DATA_DIR": str(stack_dir), "LOG_DIR": str(stack_dir / "logs"), **DEFAULTS}
+    env = {
+        "FLASK_ENV": "production",
+        "DB_URI": stack_db,
+        "JWT_SECRET_KEY": SECRET,
+        "DATA_DIR": str(stack_dir),
+        "LOG_DIR": str(stack_dir / "logs"),
+        **DEFAULTS,
+    }
     with Gunicorn(env, workers=3, log_path=stack_dir / "gunicorn.out") as server:
         yield server
 
@@ -102,23 +117,25 @@ def locust_stats(path: Path) -> dict[tuple[str, str], dict]:
 def enough_load(by_name: dict) -> bool:
     """The work the assertions below need: every user registered and logged in, more than 100
     requests, and some PUTs and DELETEs (rewritten every second, a row may be caught mid-write)."""
+
     def count(key) -> int:
         try:
             return int(by_name[key]["Request Count"])
         except (KeyError, TypeError, ValueError):
             return 0
 
-    return (count(("POST", "/auth/register")) >= LOCUST_USERS and count(("POST", "/auth/login")) >= LOCUST_USERS
-            and count(("", "Aggregated")) > 100
-            and all(any(kind == method for kind, _ in by_name) for method in ("PUT", "DELETE")))
+    return (
+        count(("POST", "/auth/register")) >= LOCUST_USERS
+        and count(("POST", "/auth/login")) >= LOCUST_USERS
+        and count(("", "Aggregated")) > 100
+        and all(any(kind == method for kind, _ in by_name) for method in ("PUT", "DELETE"))
+    )
 
 
 def test_locust_lesson_load_has_no_failures(stack, stack_db, stack_dir):
     prefix = stack_dir / "run"
     stats = Path(f"{prefix}_stats.csv")
-    args = [sys.executable, "-m", "locust", "-f", "locustfile.py", "--headless",
-            "-u", str(LOCUST_USERS), "-r", "10", "--host", stack.url,
-            "--csv", str(prefix), "--only-summary"]
+    args = locust_command(stack.url, users=LOCUST_USERS, rate=10, extra=("--csv", str(prefix)))
     # Its exporter on a free port, not the locustfile's default one.
     env = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{free_port()}")
     # No -t: the run lasts until the work checked below is done (longer on a slower machine),
@@ -126,13 +143,18 @@ def test_locust_lesson_load_has_no_failures(stack, stack_db, stack_dir):
     # its summary and stats).
     locust = ManagedProcess(args, env=env, log_path=stack_dir / "locust.out", name="locust").start()
     try:
+
         def progressed() -> bool:
             assert locust.poll() is None, f"locust exited {locust.poll()}"
             return enough_load(locust_stats(stats))
 
         try:
-            wait_for(progressed, f"{LOCUST_USERS} users logged in, 100+ requests, PUTs and DELETEs",
-                     timeout=180, interval=0.5)
+            wait_for(
+                progressed,
+                f"{LOCUST_USERS} users logged in, 100+ requests, PUTs and DELETEs",
+                timeout=180,
+                interval=0.5,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{locust.output()[-5000:]}") from None
     finally:
@@ -144,8 +166,7 @@ def test_locust_lesson_load_has_no_failures(stack, stack_db, stack_dir):
     total = by_name[("", "Aggregated")]
     assert int(total["Failure Count"]) == 0, output[-5000:]
     assert int(total["Request Count"]) > 100, total
-    for key in [("POST", "/auth/register"), ("POST", "/auth/login"), ("GET", "/books/"),
-                ("POST", "/books/")]:
+    for key in [("POST", "/auth/register"), ("POST", "/auth/login"), ("GET", "/books/"), ("POST", "/books/")]:
         assert key in by_name, sorted(by_name)
         assert int(by_name[key]["Request Count"]) > 0 and int(by_name[key]["Failure Count"]) == 0
     # Every simulated user registered and logged in exactly once (no retry loop).
@@ -199,7 +220,7 @@ def test_lists_docs_and_no_crash_route(stack):
 
 
 @pytest.mark.parametrize(
-    ("setting", "values"),
+    "setting, values",
     [
         ("JWT_SECRET_KEY", {"JWT_SECRET_KEY": "x" * 31}),  # one byte short of the minimum
         ("DB_URI", {"JWT_SECRET_KEY": SECRET, "DB_URI": "", "DATABASE_URL": ""}),
@@ -210,9 +231,16 @@ def test_production_guard_refuses_to_start(setting, values, stack_db, tmp_path):
     port = free_port()
     metrics_dir = tmp_path / "metrics"  # empty, as a launcher must provide (see bench.harness.gunicorn)
     metrics_dir.mkdir()
-    env = base_env(FLASK_ENV="production", DB_URI=stack_db, BIND=f"127.0.0.1:{port}",
-                   METRICS_BIND=f"127.0.0.1:{free_port()}", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-                   WEB_CONCURRENCY="1", DATA_DIR=str(tmp_path), LOG_DIR=str(tmp_path / "logs"))
+    env = base_env(
+        FLASK_ENV="production",
+        DB_URI=stack_db,
+        BIND=f"127.0.0.1:{port}",
+        METRICS_BIND=f"127.0.0.1:{free_port()}",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        WEB_CONCURRENCY="1",
+        DATA_DIR=str(tmp_path),
+        LOG_DIR=str(tmp_path / "logs"),
+    )
     env.update(values)
     result = run([str(GUNICORN), "-c", str(CONFIG)], env, timeout=60)
     assert result.returncode != 0, result.stdout

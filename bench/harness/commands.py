@@ -1,5 +1,6 @@
 """One-shot commands (the CLI, migrations, a server expected to refuse to start): run to the end
 under a timeout, never left behind."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ from bench.harness.environment import ROOT
 def run_command(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run a command from the repo root in its own process group, stdout and stderr together;
     on timeout kill the whole group and raise with what it printed."""
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
 """The service as it is deployed: gunicorn with deploy/gunicorn.conf.py (the file the systemd
 unit and `make run` use), on free loopback ports for the API and the master's metrics, with
 the private, empty multiprocess metrics directory a launcher must give every start."""
+
 from __future__ import annotations
 
 import os
@@ -31,13 +32,16 @@ class Gunicorn(ManagedProcess):
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         # As a launcher must: a fresh, empty multiprocess metrics directory for every start.
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))
-        full_env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}",
-                    "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
-                    "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        full_env = {
+            **os.environ,
+            **env,
+            "BIND": f"127.0.0.1:{self.port}",
+            "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
         if workers is not None:
             full_env["WEB_CONCURRENCY"] = str(workers)
-        super().__init__([GUNICORN, "-c", CONFIG], env=full_env, log_path=log_path,
-                         ready_url=self.url + "/healthz")
+        super().__init__([GUNICORN, "-c", CONFIG], env=full_env, log_path=log_path, ready_url=self.url + "/healthz")
 
     def stop(self, timeout: float | None = None) -> int | None:
         code = super().stop(timeout)

@@ -1,6 +1,7 @@
 """Waiting on real processes without fixed sleeps: poll until a condition holds, under a deadline
 generous enough for a loaded machine (a poll returns as soon as the condition holds, so the
 deadline costs nothing when things work)."""
+
 from __future__ import annotations
 
 import subprocess

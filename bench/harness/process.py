@@ -3,8 +3,10 @@ its children too and nothing is left behind), its output in a log file (to show 
 ready when a URL answers 200 (failing at once if it exits first), and stopped by PID with a
 timeout, then SIGKILL. A server is a short subclass: see gunicorn.py and prometheus.py.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,8 +41,17 @@ class ManagedProcess:
     stop_signal = signal.SIGTERM
     kill_mode = "control-group"
 
-    def __init__(self, argv, *, log_path: Path, env: dict[str, str] | None = None, cwd: Path = ROOT,
-                 ready_url: str | None = None, name: str | None = None, kill_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        argv,
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        ready_url: str | None = None,
+        name: str | None = None,
+        kill_mode: str | None = None,
+    ) -> None:
         self.argv = [str(arg) for arg in argv]
         self.log_path = Path(log_path)
         self.env = env
@@ -54,13 +65,14 @@ class ManagedProcess:
             raise ValueError(f"kill_mode {self.kill_mode!r}: 'control-group' or 'mixed'")
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float | None = None) -> "ManagedProcess":
+    def start(self, timeout: float | None = None) -> ManagedProcess:
         """Start it; when it has a `ready_url`, return once that answers 200 (see wait_ready)."""
         if self.process is not None:
             raise RuntimeError(f"{self.name} was started already")
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         if self.ready_url is not None:
             self.wait_ready(self.ready_url, timeout)
         return self
@@ -70,8 +82,12 @@ class ManagedProcess:
         exits first, or `timeout` (by default `ready_timeout`) passes, it is stopped and
         RuntimeError raised with the end of its output."""
         try:
-            return polling.wait_ready(self.process, url or self.ready_url, name=self.name,
-                                      timeout=self.ready_timeout if timeout is None else timeout)
+            return polling.wait_ready(
+                self.process,
+                url or self.ready_url,
+                name=self.name,
+                timeout=self.ready_timeout if timeout is None else timeout,
+            )
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(f"{exc}: {self.output()[-3000:]}") from None
@@ -106,13 +122,11 @@ class ManagedProcess:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
         if self.kill_mode == "mixed":  # the rest of the group, as systemd's KillMode=mixed does
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return process.returncode
 
-    def __enter__(self) -> "ManagedProcess":
+    def __enter__(self) -> ManagedProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -4,6 +4,7 @@ sentry-sdk POSTs envelopes (newline-delimited JSON: an envelope header, then ite
 payloads; gzip or brotli compressed) to /api/<project_id>/envelope/. We decode them exactly as
 Sentry would, so the SDK runs unpatched end to end.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,19 +19,16 @@ import brotli
 def parse_envelope(body: bytes) -> list[tuple[dict, bytes]]:
     """[(item header, payload)] of an envelope, honouring explicit item lengths."""
     header_end = body.index(b"\n") if b"\n" in body else len(body)
-    rest = body[header_end + 1:]
+    rest = body[header_end + 1 :]
     items = []
     while rest.strip():
         line_end = rest.index(b"\n") if b"\n" in rest else len(rest)
         item_header = json.loads(rest[:line_end])
-        rest = rest[line_end + 1:]
+        rest = rest[line_end + 1 :]
         length = item_header.get("length")
-        if length is None:
-            payload_end = rest.index(b"\n") if b"\n" in rest else len(rest)
-        else:
-            payload_end = length
+        payload_end = (rest.index(b"\n") if b"\n" in rest else len(rest)) if length is None else length
         items.append((item_header, rest[:payload_end]))
-        rest = rest[payload_end + 1:]
+        rest = rest[payload_end + 1 :]
     return items
 
 
@@ -42,7 +40,7 @@ class SentryReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 encoding = self.headers.get("Content-Encoding", "")
                 if encoding == "gzip":
@@ -67,7 +65,7 @@ class SentryReceiver:
         self.dsn = f"http://publickey@127.0.0.1:{self.port}/1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "SentryReceiver":
+    def __enter__(self) -> SentryReceiver:
         self._thread.start()
         return self
 
@@ -83,8 +81,7 @@ class SentryReceiver:
         with self._lock:
             return [e for e in self.events if e.get("type") == "transaction"]
 
-    def wait_for(self, predicate, *, count: int = 1, timeout: float = 60.0,
-                 transactions: bool = False) -> list[dict]:
+    def wait_for(self, predicate, *, count: int = 1, timeout: float = 60.0, transactions: bool = False) -> list[dict]:
         """Error events (or transactions) matching `predicate`, once `count` have arrived (the
         deadline is generous: this returns as soon as they are there)."""
         deadline = time.monotonic() + timeout
@@ -96,6 +93,8 @@ class SentryReceiver:
                 break
             time.sleep(0.05)
         seen = self.transactions() if transactions else self.errors()
-        raise AssertionError(f"timed out after {timeout}s waiting for {count} matching Sentry "
-                             f"{'transactions' if transactions else 'events'}, got "
-                             f"{[e.get('transaction') or e.get('message') or e.get('logentry') for e in seen]}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {count} matching Sentry "
+            f"{'transactions' if transactions else 'events'}, got "
+            f"{[e.get('transaction') or e.get('message') or e.get('logentry') for e in seen]}"
+        )

@@ -3,6 +3,7 @@
 Registered only when CRASH_ROUTE_ENABLED=1. The process dies by `os._exit`, which skips every
 handler, so whatever must be known about the crash is written before it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,7 @@ log = logging.getLogger("service.crash")
 
 def crash():
     # The error line is also the Sentry event (logging integration), tagged with the request id.
-    log.error("crash requested: worker %d exits now via os._exit(1)", os.getpid(),
-              extra={"event": "crash_requested"})
+    log.error("crash requested: worker %d exits now via os._exit(1)", os.getpid(), extra={"event": "crash_requested"})
     for handler in logging.getLogger().handlers:
         handler.flush()
     flush()

@@ -3,6 +3,7 @@
 Hashing is CPU-bound for tens of milliseconds: callers must not hold a database connection
 while calling these (the lesson's pool ran dry exactly that way).
 """
+
 from __future__ import annotations
 
 from argon2 import PasswordHasher
@@ -11,8 +12,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 class Passwords:
     def __init__(self, *, time_cost: int, memory_cost: int, parallelism: int) -> None:
-        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost,
-                                      parallelism=parallelism)
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism)
         # Made once (in gunicorn's master, with preload), not on a worker's first unknown email.
         self._dummy_hash = self._hasher.hash("dummy password for timing parity")
 

@@ -1,4 +1,5 @@
 """Database work for auth, in short transactions that return their connection at once."""
+
 from __future__ import annotations
 
 from sqlalchemy import select, update

@@ -1,11 +1,12 @@
 """`/auth/register` and `/auth/login`: thin views over `queries` and `passwords`."""
+
 from __future__ import annotations
 
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import DateTime, Integer, String
 from flask import current_app, g
-from marshmallow import validate
 from flask_jwt_extended import create_access_token
+from marshmallow import validate
 
 from service.auth import queries
 from service.errors import APIError
@@ -19,10 +20,16 @@ PASSWORD_MAX = 128
 
 
 class Credentials(Schema):
-    email = NormalisedEmail(required=True, validate=validate.Length(max=EMAIL_MAX),
-                            metadata={"example": "reader@example.com"})
-    password = text(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, required=True,
-                    load_only=True, metadata={"example": "correct horse battery"})
+    email = NormalisedEmail(
+        required=True, validate=validate.Length(max=EMAIL_MAX), metadata={"example": "reader@example.com"}
+    )
+    password = text(
+        min_length=PASSWORD_MIN,
+        max_length=PASSWORD_MAX,
+        required=True,
+        load_only=True,
+        metadata={"example": "correct horse battery"},
+    )
 
 
 class UserOut(Schema):

@@ -1,5 +1,6 @@
 """Database work for books: Core statements built once, run on short-lived connections, rows
 turned straight into JSON-ready dicts (no ORM objects, no second serialisation pass)."""
+
 from __future__ import annotations
 
 from sqlalchemy import bindparam, delete, insert, select, update
@@ -15,14 +16,21 @@ _PAGE_BEFORE = _PAGE.where(Book.id < bindparam("before_id"))
 _GET = select(*COLUMNS).where(Book.id == bindparam("book_id"))
 _EXISTS = select(Book.id).where(Book.id == bindparam("book_id"))
 _INSERT = insert(Book).returning(*COLUMNS)
-_DELETE_OWNED = (delete(Book).where(Book.id == bindparam("book_id"), Book.owner_id == bindparam("owner_id"))
-                 .returning(Book.id))
+_DELETE_OWNED = (
+    delete(Book).where(Book.id == bindparam("book_id"), Book.owner_id == bindparam("owner_id")).returning(Book.id)
+)
 
 
 def as_json(row) -> dict:
     """A books row (in COLUMNS order) as the API's book object."""
-    return {"id": row[0], "title": row[1], "author": row[2], "owner_id": row[3],
-            "created_at": row[4].isoformat(), "updated_at": row[5].isoformat()}
+    return {
+        "id": row[0],
+        "title": row[1],
+        "author": row[2],
+        "owner_id": row[3],
+        "created_at": row[4].isoformat(),
+        "updated_at": row[5].isoformat(),
+    }
 
 
 def list_page(*, before_id: int | None, limit: int) -> tuple[list[dict], int | None]:

@@ -1,4 +1,5 @@
 """The books API's request and response schemas, and the bounds they enforce on a page."""
+
 from __future__ import annotations
 
 from apiflask import Schema
@@ -13,8 +14,9 @@ PAGE_MAX = 100  # the largest page a client may ask for (BOOKS_PAGE_SIZE is capp
 
 class BookIn(Schema):
     title = text(min_length=1, max_length=TITLE_MAX, required=True, metadata={"example": "Dune"})
-    author = text(min_length=1, max_length=AUTHOR_MAX, allow_none=True, load_default=None,
-                  metadata={"example": "Frank Herbert"})
+    author = text(
+        min_length=1, max_length=AUTHOR_MAX, allow_none=True, load_default=None, metadata={"example": "Frank Herbert"}
+    )
 
 
 class BookPatch(Schema):
@@ -32,10 +34,13 @@ class BookOut(Schema):
 
 
 class PageQuery(Schema):
-    limit = Integer(validate=validate.Range(min=1, max=PAGE_MAX),
-                    metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE)"})
-    cursor = Integer(validate=validate.Range(min=1, max=MAX_ID),
-                     metadata={"description": "the next_cursor of the previous page"})
+    limit = Integer(
+        validate=validate.Range(min=1, max=PAGE_MAX),
+        metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE)"},
+    )
+    cursor = Integer(
+        validate=validate.Range(min=1, max=MAX_ID), metadata={"description": "the next_cursor of the previous page"}
+    )
 
 
 class PagedBook(BookOut):
@@ -44,5 +49,6 @@ class PagedBook(BookOut):
 
 class BookPage(Schema):
     items = List(Nested(PagedBook), required=True)
-    next_cursor = Integer(allow_none=True, required=True,
-                          metadata={"description": "pass as ?cursor= for the next page; null on the last"})
+    next_cursor = Integer(
+        allow_none=True, required=True, metadata={"description": "pass as ?cursor= for the next page; null on the last"}
+    )

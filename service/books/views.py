@@ -1,4 +1,5 @@
 """`/books`: list (keyset pages), read, create, replace/patch and delete (owner only)."""
+
 from __future__ import annotations
 
 from apiflask import APIBlueprint

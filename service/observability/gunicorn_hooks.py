@@ -3,6 +3,7 @@
 The merged metrics endpoint (master_metrics.py), the report of worker deaths (worker_exits.py)
 and, in each new worker, the start of its metrics (metrics.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,7 @@ class MasterHooks:
     def when_ready(self, server) -> None:
         if not self.metrics_bind:
             return
-        self.master_metrics, self._httpd = master_metrics.start(server, bind=self.metrics_bind,
-                                                                version=self.version)
+        self.master_metrics, self._httpd = master_metrics.start(server, bind=self.metrics_bind, version=self.version)
 
     def post_fork(self, server, worker) -> None:
         """Runs in the new worker."""

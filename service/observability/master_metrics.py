@@ -4,6 +4,7 @@ It serves every worker's multiprocess samples merged, plus what only the master 
 exits and restarts, each live worker's memory and CPU (multiprocess mode has no process
 collector), build info, and whether the database answers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,26 +32,29 @@ class MasterMetrics(Collector):
         self.exits: Tally[str] = Tally()
 
     def collect(self):
-        info = GaugeMetricFamily("flaskapi_build_info", "Version and configured worker count",
-                                 labels=["version", "workers"])
+        info = GaugeMetricFamily(
+            "flaskapi_build_info", "Version and configured worker count", labels=["version", "workers"]
+        )
         info.add_metric([self.version, str(self.server.num_workers)], 1)
         yield info
 
-        exits = CounterMetricFamily("flaskapi_worker_exits", "Worker processes reaped by the master",
-                                    labels=["cause"])
+        exits = CounterMetricFamily("flaskapi_worker_exits", "Worker processes reaped by the master", labels=["cause"])
         for cause, count in sorted(self.exits.items()):
             exits.add_metric([cause], count)
         yield exits
         restarts = sum(count for cause, count in self.exits.items() if cause not in STOPPED)
-        yield CounterMetricFamily("flaskapi_worker_restarts",
-                                  "Workers that died unexpectedly and were replaced", value=restarts)
+        yield CounterMetricFamily(
+            "flaskapi_worker_restarts", "Workers that died unexpectedly and were replaced", value=restarts
+        )
 
         workers = dict(self.server.WORKERS)
         yield GaugeMetricFamily("flaskapi_workers_alive", "Worker processes running", value=len(workers))
-        memory = GaugeMetricFamily("flaskapi_process_resident_memory_bytes",
-                                   "Resident memory per gunicorn process", labels=["pid", "role"])
-        cpu = CounterMetricFamily("flaskapi_process_cpu_seconds",
-                                  "CPU time (user + system) per gunicorn process", labels=["pid", "role"])
+        memory = GaugeMetricFamily(
+            "flaskapi_process_resident_memory_bytes", "Resident memory per gunicorn process", labels=["pid", "role"]
+        )
+        cpu = CounterMetricFamily(
+            "flaskapi_process_cpu_seconds", "CPU time (user + system) per gunicorn process", labels=["pid", "role"]
+        )
         for pid, role in [(os.getpid(), "master")] + [(pid, "worker") for pid in workers]:
             try:
                 process = psutil.Process(pid)
@@ -64,8 +68,9 @@ class MasterMetrics(Collector):
         yield memory
         yield cpu
 
-        yield GaugeMetricFamily("flaskapi_database_up", "1 when the database answers SELECT 1",
-                                value=1 if self.database_probe() else 0)
+        yield GaugeMetricFamily(
+            "flaskapi_database_up", "1 when the database answers SELECT 1", value=1 if self.database_probe() else 0
+        )
 
 
 def start(server, *, bind: str, version: str):
@@ -77,8 +82,7 @@ def start(server, *, bind: str, version: str):
     collector = MasterMetrics(server, version=version, database_probe=database_probe(server))
     registry.register(collector)
     httpd, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
-    log.info("metrics for all workers on http://%s/metrics", bind,
-             extra={"event": "metrics_listening"})
+    log.info("metrics for all workers on http://%s/metrics", bind, extra={"event": "metrics_listening"})
     return collector, httpd
 
 

@@ -7,6 +7,7 @@ PROMETHEUS_MULTIPROC_DIR and the gunicorn master serves them merged on METRICS_B
 them. PROMETHEUS_MULTIPROC_DIR must be set before Python starts (the launcher wipes it);
 without it, as under `flask run` or in-process tests, recording is off.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,18 +21,44 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 log = logging.getLogger(__name__)
 
 # 5 ms .. 30 s: fast reads, argon2 logins (~50-100 ms) and the lesson's 30 s stalls all resolve.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0,
-                   1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+)
 
 # registry=None: in multiprocess mode samples go to files whatever the registry, and module-level
 # metrics must not be registered twice when tests build several apps in one process.
-IN_PROGRESS = Gauge("flask_http_requests_in_progress", "Requests being served (sampled every second)",
-                    registry=None, multiprocess_mode="livesum")
+IN_PROGRESS = Gauge(
+    "flask_http_requests_in_progress",
+    "Requests being served (sampled every second)",
+    registry=None,
+    multiprocess_mode="livesum",
+)
 # The exporter counts exceptions that escape Flask; ours are all answered by the 500 handler,
 # which counts them here. No labels, so the series exists (at 0) before the first one; the
 # route, type and stack are in the error log line and the Sentry event.
-UNHANDLED = Counter("flaskapi_http_unhandled_exceptions_total",
-                    "Requests answered 500 because of an unexpected exception", registry=None)
+UNHANDLED = Counter(
+    "flaskapi_http_unhandled_exceptions_total",
+    "Requests answered 500 because of an unexpected exception",
+    registry=None,
+)
 
 
 SAMPLE_SECONDS = 1.0
@@ -58,8 +85,9 @@ def init_app(app: Flask, settings) -> None:
 
     # A registry per app: the exporter registers its metrics on it, and a second app in one
     # process (tests) would otherwise find them taken and silently skip its hooks.
-    GunicornPrometheusMetrics(app, path=None, registry=CollectorRegistry(auto_describe=True),
-                              group_by=route, buckets=LATENCY_BUCKETS)
+    GunicornPrometheusMetrics(
+        app, path=None, registry=CollectorRegistry(auto_describe=True), group_by=route, buckets=LATENCY_BUCKETS
+    )
 
     @app.before_request
     def _enter() -> None:
@@ -97,4 +125,3 @@ def _sample_forever() -> None:
         IN_PROGRESS.set(len(_serving))
         pool_metrics.sample()
         time.sleep(SAMPLE_SECONDS)
-

@@ -5,6 +5,7 @@ Checkout waits and timeouts are recorded by InstrumentedQueuePool (service/datab
 use by `sample` (called by the sampler thread of metrics.py), and the capacity once in each
 worker, right after the fork. Off unless metrics are (metrics.enabled).
 """
+
 from __future__ import annotations
 
 import time
@@ -17,22 +18,40 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from service.observability.metrics import enabled
 
-POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                     1.0, 2.5, 5.0, 10.0, 30.0)
+POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # registry=None: see metrics.py.
-POOL_CAPACITY = Gauge("flaskapi_db_pool_capacity", "Connections the pools may open (size + overflow)",
-                      registry=None, multiprocess_mode="livesum")
-POOL_CHECKED_OUT = Gauge("flaskapi_db_pool_checked_out", "Connections lent to requests (sampled every second)",
-                         registry=None, multiprocess_mode="livesum")
-POOL_OVERFLOW = Gauge("flaskapi_db_pool_overflow_in_use",
-                      "Connections open beyond the pool size (sampled every second)", registry=None, multiprocess_mode="livesum")
-POOL_WAIT = Histogram("flaskapi_db_pool_wait_seconds", "Time to obtain a pooled connection",
-                      registry=None, buckets=POOL_WAIT_BUCKETS)
-POOL_TIMEOUTS = Counter("flaskapi_db_pool_checkout_timeouts_total",
-                        "Requests that found no free connection within DB_POOL_TIMEOUT", registry=None)
-POOL_INVALIDATED = Counter("flaskapi_db_pool_connections_invalidated_total",
-                           "Connections dropped as broken (database restart, network)", registry=None)
+POOL_CAPACITY = Gauge(
+    "flaskapi_db_pool_capacity",
+    "Connections the pools may open (size + overflow)",
+    registry=None,
+    multiprocess_mode="livesum",
+)
+POOL_CHECKED_OUT = Gauge(
+    "flaskapi_db_pool_checked_out",
+    "Connections lent to requests (sampled every second)",
+    registry=None,
+    multiprocess_mode="livesum",
+)
+POOL_OVERFLOW = Gauge(
+    "flaskapi_db_pool_overflow_in_use",
+    "Connections open beyond the pool size (sampled every second)",
+    registry=None,
+    multiprocess_mode="livesum",
+)
+POOL_WAIT = Histogram(
+    "flaskapi_db_pool_wait_seconds", "Time to obtain a pooled connection", registry=None, buckets=POOL_WAIT_BUCKETS
+)
+POOL_TIMEOUTS = Counter(
+    "flaskapi_db_pool_checkout_timeouts_total",
+    "Requests that found no free connection within DB_POOL_TIMEOUT",
+    registry=None,
+)
+POOL_INVALIDATED = Counter(
+    "flaskapi_db_pool_connections_invalidated_total",
+    "Connections dropped as broken (database restart, network)",
+    registry=None,
+)
 
 _engines: list[Engine] = []
 _capacity = 0  # of the instrumented engines' pools
@@ -46,7 +65,7 @@ class InstrumentedQueuePool(QueuePool):
     # "sqlalchemy", the pool's dispose/recreate chatter keeps that logger's level (logging_conf).
     _sqla_logger_namespace = "sqlalchemy.pool.impl.InstrumentedQueuePool"
 
-    def connect(self):  # noqa: D102 (QueuePool's public API)
+    def connect(self):
         started = time.perf_counter()
         try:
             connection = super().connect()

@@ -4,6 +4,7 @@ The app (not gunicorn) writes the access line because only it knows the route te
 user and the request id. `X-Request-ID` is taken from the client when it is sane, generated
 otherwise, echoed in the response and attached to every log line of the request.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,11 +53,17 @@ def _end(response: Response) -> Response:
     method, path = request.method, request.path
     access_log.log(
         logging.ERROR if status >= 500 else logging.INFO,
-        "%s %s %d %.1fms", method, path, status, duration_ms,
+        "%s %s %d %.1fms",
+        method,
+        path,
+        status,
+        duration_ms,
         extra={
             "event": "access",
             # the request context, given here so the formatter need not look it up again
-            "request_id": request_id, "method": method, "path": path,
+            "request_id": request_id,
+            "method": method,
+            "path": path,
             "remote_addr": request.remote_addr,
             "route": rule.rule if rule is not None else None,
             "status": status,

@@ -21,6 +21,7 @@ auth-route bodies, and any value under a sensitive key or that looks like a toke
 logging_conf/redaction.py, shared with the log lines). `before_send` then drops repeated
 degraded-mode reports (sentry_rate_limit.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,11 @@ def init(settings: Settings) -> bool:
         return True  # already set up in this process (the app factory ran twice)
     tracing = settings.sentry_traces_sample_rate > 0
     if tracing:
-        integrations = [FlaskIntegration(transaction_style="url"), SqlalchemyIntegration(),
-                        LoggingIntegration(level=logging.INFO, event_level=logging.WARNING)]
+        integrations = [
+            FlaskIntegration(transaction_style="url"),
+            SqlalchemyIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.WARNING),
+        ]
     else:
         integrations = [LoggingIntegration(level=None, event_level=logging.WARNING)]
     sentry_sdk.init(
@@ -99,8 +103,12 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     if sentry_sdk.get_client().get_integration(FlaskIntegration) is not None:
         return event  # tracing mode: the integration describes the request itself
     info = event.setdefault("request", {})
-    info.update(url=request.base_url, method=request.method, headers=dict(request.headers),
-                query_string=request.query_string.decode("latin-1"))
+    info.update(
+        url=request.base_url,
+        method=request.method,
+        headers=dict(request.headers),
+        query_string=request.query_string.decode("latin-1"),
+    )
     rule = request.url_rule
     if rule is not None and not event.get("transaction"):
         event["transaction"] = rule.rule

@@ -4,6 +4,7 @@ Under a load test a pool timeout can happen thousands of times, and one event sa
 same degraded-mode message (pool exhausted, database down or slow) from one process is sent once
 a minute at most. Every other event, a worker death included, always goes out.
 """
+
 from __future__ import annotations
 
 import threading

@@ -6,6 +6,7 @@ that status from its log record (ExitStatusRecorder), count the exit (master_met
 it was not a clean exit, a restart), then write one JSON line with pid and cause and send a
 Sentry event (`report`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,9 @@ def report(pid: int, cause: str) -> None:
     """One log line for a worker the master stopped; for one that died, an error line that is
     also a Sentry event tagged with pid and cause, sent before the replacement is forked."""
     if cause in STOPPED:
-        log.info("worker %d stopped (%s)", pid, cause,
-                 extra={"event": "worker_exit", "worker_pid": pid, "cause": cause})
+        log.info(
+            "worker %d stopped (%s)", pid, cause, extra={"event": "worker_exit", "worker_pid": pid, "cause": cause}
+        )
         return
     import sentry_sdk
 
@@ -62,8 +64,12 @@ def report(pid: int, cause: str) -> None:
         scope.set_tag("worker_pid", pid)
         scope.set_tag("cause", cause)
         scope.fingerprint = ["gunicorn-worker-died", cause]
-        log.error("worker %d died (%s); the master starts a replacement", pid, cause,
-                  extra={"event": "worker_died", "worker_pid": pid, "cause": cause})
+        log.error(
+            "worker %d died (%s); the master starts a replacement",
+            pid,
+            cause,
+            extra={"event": "worker_died", "worker_pid": pid, "cause": cause},
+        )
     # Send it now: the replacement is forked next, and an event still queued in the master
     # would be copied into the child and sent a second time from there.
     from service.observability.sentry import flush

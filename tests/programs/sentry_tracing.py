@@ -6,6 +6,7 @@ never after it was disabled there.
 TEST_DB_URI, TEST_TMP and TEST_DSN say where the database, the data and the receiver are;
 TEST_TOKEN is the bearer token sent (the test checks it never reaches the receiver).
 """
+
 import os
 from pathlib import Path
 
@@ -14,8 +15,14 @@ import sentry_sdk
 from service import create_app
 from tests.conftest import base_config
 
-app = create_app(base_config(os.environ["TEST_DB_URI"], Path(os.environ["TEST_TMP"]),
-                             SENTRY_DSN=os.environ["TEST_DSN"], SENTRY_TRACES_SAMPLE_RATE="1"))
+app = create_app(
+    base_config(
+        os.environ["TEST_DB_URI"],
+        Path(os.environ["TEST_TMP"]),
+        SENTRY_DSN=os.environ["TEST_DSN"],
+        SENTRY_TRACES_SAMPLE_RATE="1",
+    )
+)
 
 
 @app.post("/explode")
@@ -28,8 +35,10 @@ def explode():
     raise RuntimeError("kaboom with tracing")
 
 
-response = app.test_client().post("/explode", json={"title": "t"},
-                                  headers={"X-Request-ID": "traced-req",
-                                           "Authorization": f"Bearer {os.environ['TEST_TOKEN']}"})
+response = app.test_client().post(
+    "/explode",
+    json={"title": "t"},
+    headers={"X-Request-ID": "traced-req", "Authorization": f"Bearer {os.environ['TEST_TOKEN']}"},
+)
 assert response.status_code == 500, response.status_code
 sentry_sdk.flush(60)  # the process exits next: whatever is still queued then is lost
