@@ -36,6 +36,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_errorhandlers(app)
     register_openapi(app)
     register_commands(app)
+    register_wsgi_guards(app)
     trust_proxies(app, settings)
     return app
 
@@ -134,6 +135,15 @@ def register_request_guards(app: APIFlask) -> None:
     from service.guards import require_json_body
 
     app.before_request(require_json_body)
+
+
+def register_wsgi_guards(app: APIFlask) -> None:
+    """Around the Flask app, before it sees a request: a method the API does not serve is
+    answered 405, so no metric label is ever a client's invention (guards.py). Inside ProxyFix
+    (trust_proxies, next), so its access line has the client's address."""
+    from service.guards import InputBounds
+
+    app.wsgi_app = InputBounds(app.wsgi_app, url_map=app.url_map)
 
 
 def register_errorhandlers(app: APIFlask) -> None:

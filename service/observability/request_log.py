@@ -26,10 +26,14 @@ def init_app(app: Flask) -> None:
     app.after_request(_end)
 
 
+def request_id_from(incoming: str) -> str:
+    """The client's X-Request-ID when it is sane, a new id otherwise."""
+    return incoming if _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
 def _begin() -> None:
     g.request_started = time.perf_counter()
-    incoming = request.headers.get(HEADER, "")
-    g.request_id = incoming if _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+    g.request_id = request_id_from(request.headers.get(HEADER, ""))
 
 
 def _user_id() -> str | None:
@@ -73,3 +77,37 @@ def _end(response: Response) -> Response:
         },
     )
     return response
+
+
+def printable(value: str, limit: int = 32) -> str:
+    """A client-chosen token (a method) fit for a log line or an error message: at most `limit`
+    characters, control and non-ASCII characters escaped (\\x07), "..." when cut."""
+    shown = value[:limit].encode("unicode_escape").decode("ascii")
+    return shown + "..." if len(value) > limit else shown
+
+
+def log_answered_early(environ: dict, *, method: str, status: int, request_id: str, started: float, size: int) -> None:
+    """The access line of a request answered by WSGI middleware before Flask saw it (no route,
+    no user): the same fields as every other access line."""
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    # PATH_INFO is latin-1 decoded bytes (PEP 3333); the other access lines show it as UTF-8
+    path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace") or "/"
+    access_log.info(
+        "%s %s %d %.1fms",
+        method,
+        path,
+        status,
+        duration_ms,
+        extra={
+            "event": "access",
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "route": None,
+            "status": status,
+            "duration_ms": duration_ms,
+            "user_id": None,
+            "response_bytes": size,
+        },
+    )
