@@ -36,7 +36,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_errorhandlers(app)
     register_openapi(app)
     register_commands(app)
-    register_wsgi_guards(app)
+    register_wsgi_guards(app, settings)
     trust_proxies(app, settings)
     return app
 
@@ -130,20 +130,28 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
 
 
 def register_request_guards(app: APIFlask) -> None:
-    """Checks that refuse a request before any view runs (a body that is not JSON). After the
-    observability hooks (register_observability), which must see every request."""
-    from service.guards import require_json_body
+    """Checks that refuse a request before any view runs (a body the WSGI guards refused, a body
+    that is not JSON). After the observability hooks (register_observability), which must see
+    every request."""
+    from service.guards import refuse_unread_body, require_json_body
 
+    app.before_request(refuse_unread_body)
     app.before_request(require_json_body)
 
 
-def register_wsgi_guards(app: APIFlask) -> None:
-    """Around the Flask app, before it sees a request: a method the API does not serve is
-    answered 405, so no metric label is ever a client's invention (guards.py). Inside ProxyFix
-    (trust_proxies, next), so its access line has the client's address."""
+def register_wsgi_guards(app: APIFlask, settings: Settings) -> None:
+    """Around the Flask app, before it reads anything: a method the API does not serve is
+    answered 405 (so no metric label is ever a client's invention), and a body is whole and
+    within MAX_CONTENT_LENGTH or refused, drained so a direct client reads the 413 (guards.py).
+    Inside ProxyFix (trust_proxies, next), so its access line has the client's address."""
     from service.guards import InputBounds
 
-    app.wsgi_app = InputBounds(app.wsgi_app, url_map=app.url_map)
+    app.wsgi_app = InputBounds(
+        app.wsgi_app,
+        url_map=app.url_map,
+        max_content_length=settings.max_content_length,
+        max_drain_bytes=settings.max_drain_bytes,
+    )
 
 
 def register_errorhandlers(app: APIFlask) -> None:

@@ -102,6 +102,7 @@ class Settings:
     db_ping_idle_seconds: float
     db_statement_timeout_ms: int
     max_content_length: int
+    max_drain_bytes: int
     page_size_default: int
     password_time_cost: int
     password_memory_cost: int
@@ -186,6 +187,9 @@ class Settings:
             db_ping_idle_seconds=_float(env, "DB_PING_IDLE_SECONDS", 1.0, minimum=0.0),
             db_statement_timeout_ms=_int(env, "DB_STATEMENT_TIMEOUT_MS", 10000, minimum=0),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 64 * 1024, minimum=1024),
+            # An oversized body is read and discarded up to this many bytes, so a client sending
+            # it straight to gunicorn reads the 413; beyond, the connection closes under it.
+            max_drain_bytes=_int(env, "MAX_DRAIN_BYTES", 10 * 1024 * 1024, minimum=0),
             page_size_default=_int(env, "BOOKS_PAGE_SIZE", 20, minimum=1),
             # OWASP's argon2id baseline: m=19 MiB, t=2, p=1.
             password_time_cost=_int(env, "PASSWORD_HASH_TIME_COST", 2, minimum=1),

@@ -1,18 +1,23 @@
-"""What a client sends cannot grow the metrics: a real gunicorn with three workers, talked to
-directly (http.client), as a client without nginx would."""
+"""What a client sends cannot grow the metrics or slip past the body limit: a real gunicorn with
+three workers, talked to directly (raw sockets, http.client), as a client without nginx would."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import random
+import socket
 import string
 import tempfile
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
@@ -41,6 +46,189 @@ def stack(migrated_database, tmp_path_factory):
         stack.db_uri = env["DB_URI"]
         stack.data_dir = data_dir
         yield stack
+
+
+@pytest.fixture(scope="module")
+def auth(stack) -> str:
+    """An Authorization header value for a fresh user."""
+    creds = {"email": f"bounds-{uuid.uuid4().hex[:8]}@example.com", "password": "bounds-password"}
+    assert requests.post(stack.url + "/auth/register", json=creds, timeout=10).status_code == 201
+    token = requests.post(stack.url + "/auth/login", json=creds, timeout=10).json()["token"]
+    return f"Bearer {token}"
+
+
+@pytest.fixture(scope="module")
+def books_count(stack):
+    engine = create_engine(stack.db_uri)
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM books")).scalar_one()
+
+    yield count
+    engine.dispose()
+
+
+# --- raw HTTP ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One request over its own connection: the answer the client could read, if any, and what
+    the sending side ran into."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    read_error: str | None = None
+    send_error: str | None = None
+    seconds: float = 0.0
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def exchange(port: int, head: str, body_parts) -> Exchange:
+    """Send `head` and then every part of `body_parts` from a thread while this one reads the
+    answer, as a client that streams its upload does: a server that answers before reading
+    the body is seen answering (or resetting), never waited on forever."""
+    result = Exchange()
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+
+    def send() -> None:
+        try:
+            sock.sendall(head.encode("latin-1"))
+            for part in body_parts:
+                sock.sendall(part)
+        except OSError as exc:
+            result.send_error = repr(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        response = http.client.HTTPResponse(sock, method=head.split(" ", 1)[0])
+        response.begin()
+        result.status = response.status
+        result.headers = {k.lower(): v for k, v in response.getheaders()}
+        result.body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        result.read_error = repr(exc)
+    sender.join(IO_TIMEOUT)
+    assert not sender.is_alive(), "the upload was still blocked after the answer"
+    sock.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def post_head(path: str, auth: str, *, length: int | None = None) -> str:
+    """Request line and headers of a JSON POST: with Content-Length, or chunked without it."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: {auth}\r\nX-Request-ID: bounds-{uuid.uuid4().hex[:12]}\r\n{framing}\r\n\r\n"
+    )
+
+
+def chunked(data: bytes, size: int = 16 * 1024):
+    """`data` in HTTP/1.1 chunks, then the last chunk."""
+    for start in range(0, len(data), size):
+        piece = data[start : start + size]
+        yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def assert_413(result: Exchange) -> dict:
+    assert result.status == 413, result
+    error = result.json()["error"]
+    assert error["status"] == 413 and error["code"] == "payload_too_large", error
+    assert error["request_id"] and result.headers["x-request-id"] == error["request_id"]
+    return error
+
+
+# --- bodies -------------------------------------------------------------------------------------
+
+
+def test_an_oversized_body_with_content_length_gets_a_readable_413(stack, auth, books_count):
+    size = 5 * 1024 * 1024
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth, length=size), [b"x" * size])
+    assert result.send_error is None, result  # the whole body was taken, not reset
+    assert_413(result)
+    assert books_count() == before
+
+
+def test_a_body_beyond_the_drain_bound_is_refused_without_a_hang(stack, auth, books_count):
+    size = 12 * 1024 * 1024
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth, length=size), [b"x" * (1024 * 1024)] * 12)
+    # Beyond MAX_DRAIN_BYTES the server answers 413 and closes: the client reads the answer or
+    # its connection is reset, within the timeouts either way.
+    assert result.seconds < IO_TIMEOUT, result
+    if result.status is not None:
+        assert_413(result)
+    else:
+        assert result.read_error, result
+    assert books_count() == before
+    assert requests.get(stack.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_chunked_body_beyond_the_limit_is_413_not_truncated(stack, auth, books_count):
+    """The first MAX_CONTENT_LENGTH bytes are a valid book; what follows is garbage. Parsing the
+    first part alone would store a book the client never sent whole."""
+    valid = b'{"title": "truncated"}'
+    body = valid + b" " * (LIMIT - len(valid)) + b"garbage" * 1000
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth), chunked(body))
+    assert result.send_error is None, result
+    assert_413(result)
+    assert books_count() == before
+
+
+def test_a_chunked_body_far_beyond_the_limit_is_413(stack, auth, books_count):
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth), chunked(b"x" * (3 * 1024 * 1024), size=64 * 1024))
+    assert result.send_error is None, result
+    assert_413(result)
+    assert books_count() == before
+
+
+def test_a_chunked_body_within_the_limit_is_served(stack, auth, books_count):
+    title = f"chunked {uuid.uuid4().hex[:8]}"
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth), chunked(json.dumps({"title": title}).encode(), size=5))
+    assert result.status == 201, result
+    assert result.json()["title"] == title
+    assert books_count() == before + 1
+
+
+def test_a_body_at_the_limit_with_content_length_is_served(stack, auth, books_count):
+    title = f"at the limit {uuid.uuid4().hex[:8]}"
+    raw = json.dumps({"title": title}).encode()
+    body = raw + b" " * (LIMIT - len(raw))
+    before = books_count()
+    result = exchange(stack.port, post_head("/books/", auth, length=len(body)), [body])
+    assert result.status == 201, result
+    assert result.json()["title"] == title
+    assert books_count() == before + 1
+    one_more = exchange(stack.port, post_head("/books/", auth, length=len(body) + 1), [body + b" "])
+    assert_413(one_more)
+    assert books_count() == before + 1
+
+
+def test_the_connection_stays_usable_after_a_drained_413(stack, auth):
+    """A 413 whose body was read whole leaves the connection at a request boundary."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=IO_TIMEOUT)
+    headers = {"Content-Type": "application/json", "Authorization": auth}
+    conn.request("POST", "/books/", body=b"x" * (LIMIT * 4), headers=headers)
+    first = conn.getresponse()
+    assert first.status == 413
+    first.read()
+    conn.request("GET", "/healthz")
+    second = conn.getresponse()
+    assert second.status == 200
+    second.read()
+    conn.close()
 
 
 # --- labels -------------------------------------------------------------------------------------

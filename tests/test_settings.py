@@ -28,6 +28,7 @@ VARIABLES = (
     "DB_PING_IDLE_SECONDS",
     "DB_STATEMENT_TIMEOUT_MS",
     "MAX_CONTENT_LENGTH",
+    "MAX_DRAIN_BYTES",
     "BOOKS_PAGE_SIZE",
     "TRUSTED_PROXIES",
     "PASSWORD_HASH_TIME_COST",
@@ -232,6 +233,7 @@ def test_database_url_from_real_environment(production, database_uri, monkeypatc
         ("DB_MAX_OVERFLOW", "-1", "DB_MAX_OVERFLOW must be >= 0, got -1"),
         ("JWT_ACCESS_TOKEN_EXPIRES", "soon", "JWT_ACCESS_TOKEN_EXPIRES must be an integer, got 'soon'"),
         ("MAX_CONTENT_LENGTH", "10", "MAX_CONTENT_LENGTH must be >= 1024, got 10"),
+        ("MAX_DRAIN_BYTES", "-1", "MAX_DRAIN_BYTES must be >= 0, got -1"),
         ("DB_POOL_TIMEOUT", "fast", "DB_POOL_TIMEOUT must be a number, got 'fast'"),
         ("CRASH_ROUTE_ENABLED", "maybe", "CRASH_ROUTE_ENABLED must be a boolean"),
     ],
@@ -292,6 +294,7 @@ def test_defaults(tmp_path):
     assert settings.page_size_default == 20
     assert settings.jwt_access_token_expires == 3600
     assert settings.max_content_length == 64 * 1024
+    assert settings.max_drain_bytes == 10 * 1024 * 1024
     assert (settings.password_time_cost, settings.password_memory_cost, settings.password_parallelism) == (
         2,
         19 * 1024,
