@@ -73,19 +73,26 @@ class APIError(HTTPError):
         )
 
 
-def error_response(
-    status: int, message: str, *, code: str | None = None, details: Any = None, headers: dict | None = None
-) -> Response:
+def error_body(
+    status: int, message: str, *, code: str | None = None, details: Any = None, request_id: str | None = None
+) -> dict:
+    """The one shape, as data: also for answers given outside Flask (the WSGI guards)."""
     body = {
         "status": status,
         "code": code or CODES.get(status, "error"),
         "message": message,
         "details": details or {},
     }
-    request_id = g.get("request_id") if g else None
     if request_id:
         body["request_id"] = request_id
-    response = jsonify(error=body)
+    return {"error": body}
+
+
+def error_response(
+    status: int, message: str, *, code: str | None = None, details: Any = None, headers: dict | None = None
+) -> Response:
+    request_id = g.get("request_id") if g else None
+    response = jsonify(error_body(status, message, code=code, details=details, request_id=request_id))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -28,7 +28,7 @@ from flask import Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import Map
 
-from service.errors import error_response
+from service.errors import error_body, error_response
 from service.observability import request_log
 
 # The methods the API serves (Flask adds HEAD and OPTIONS to every route): the only values the
@@ -119,17 +119,8 @@ class InputBounds:
         method = request_log.printable(environ.get("REQUEST_METHOD", ""))
         request_id = request_log.request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
         allow = ", ".join(self._allowed(environ))
-        body = json.dumps(
-            {
-                "error": {
-                    "status": 405,
-                    "code": "method_not_allowed",
-                    "message": f"Method {method} is not allowed here; the API serves {', '.join(SERVED_METHODS)}",
-                    "details": {},
-                    "request_id": request_id,
-                }
-            }
-        ).encode()
+        message = f"Method {method} is not allowed here; the API serves {', '.join(SERVED_METHODS)}"
+        body = json.dumps(error_body(405, message, request_id=request_id)).encode()
         start_response(
             "405 METHOD NOT ALLOWED",
             [
