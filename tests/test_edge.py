@@ -11,9 +11,13 @@ from __future__ import annotations
 import csv
 import http.client
 import json
+import os
 import re
 import selectors
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from bench.harness.environment import free_port, locust_command, locust_env, stack_env
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.nginx import SITE, Nginx
 from bench.harness.polling import wait_for
@@ -614,3 +618,81 @@ def test_the_lessons_signups_pass_the_edge(edge, tmp_path):
     assert refused == []
     total = by_name[("", "Aggregated")]["Request Count"]
     print(f"\nthe lesson's sign-ups through the edge: {users} users, {total} requests, 0 failures, no 429")
+
+
+# --- make run-edge -------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
+def test_run_edge_serves_through_nginx_and_stops_both(edge, tmp_path, signum):
+    """`make run-edge`'s launcher (python -m bench.edge): the API through nginx on EDGE_BIND, the
+    site rendered under $DATA_DIR/edge; Ctrl-C or SIGTERM stops nginx and gunicorn, none left."""
+    bind, edge_bind = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    (tmp_path / "metrics").mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        **edge.env,
+        "DATA_DIR": str(tmp_path / "data"),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "BIND": bind,
+        "EDGE_BIND": edge_bind,
+        "METRICS_BIND": f"127.0.0.1:{free_port()}",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "WEB_CONCURRENCY": "1",
+    }
+    launcher = ManagedProcess(
+        [sys.executable, "-m", "bench.edge"],
+        env=env,
+        log_path=tmp_path / "edge.out",
+        name="bench.edge",
+        ready_url=f"http://{edge_bind}/healthz",
+        kill_mode="mixed",
+    )
+    launcher.stop_signal = signum
+    pids: list[int] = []
+    try:
+        launcher.start()
+        started = wait_for(
+            lambda: re.search(r"nginx \(pid (\d+)\).*gunicorn \(pid (\d+)\)", launcher.output()),
+            "the launcher's line with both pids",
+        )
+        pids = [int(started.group(1)), int(started.group(2))]
+        response = requests.get(f"http://{edge_bind}/books/", headers={"X-Request-ID": "run-edge-1"}, timeout=10)
+        assert response.status_code == 200 and response.headers["X-Request-ID"] == "run-edge-1"
+        access = tmp_path / "data" / "edge" / "logs" / "flaskapi.access.log"
+        wait_for(lambda: access.exists() and "run-edge-1" in access.read_text(), "the request in nginx's access log")
+        assert f"server {bind};" in (tmp_path / "data" / "edge" / "site.conf").read_text()
+
+        assert launcher.stop(60) == 0, launcher.output()[-3000:]
+        assert not [pid for pid in pids if alive(pid)], f"left running: {pids}\n{launcher.output()[-3000:]}"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(edge_bind.rpartition(":")[2])), timeout=2).close()
+    finally:
+        launcher.stop(60)
+        for pid in pids:  # bounded even when the launcher misbehaved
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def test_run_edge_without_nginx_says_what_to_install(tmp_path):
+    """`make run-edge` checks for nginx before anything else (no migration, no server): one line."""
+    make = subprocess.run(
+        ["make", "--no-print-directory", "-o", "install", "run-edge", f"BIN={Path(sys.executable).parent}"],
+        cwd=ROOT,
+        env={**os.environ, "NGINX": str(tmp_path / "no-nginx-here")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert make.returncode != 0
+    ours = [line for line in (make.stdout + make.stderr).splitlines() if not line.startswith(("make: ", "make["))]
+    assert ours == ["make run-edge needs nginx, which is not installed: apt-get install nginx (Debian/Ubuntu)"]
