@@ -467,42 +467,53 @@ def test_upstream_down_is_502_and_upstream_silent_is_504(tmp_path):
 
 
 def test_an_auth_flood_from_one_address_gets_429_after_the_burst(edge):
-    """300 logins from 127.0.0.3, 16 at a time: nginx passes the burst (60) plus 30 a second,
-    answers the rest 429 with Retry-After, and other addresses are not limited."""
+    """8 clients on 127.0.0.3 each sending a login every 10 ms for 3 s (~800 a second): nginx
+    passes the burst (60) plus 30 a second, answers the rest 429 with Retry-After, and other
+    addresses are not limited."""
     nginx = edge.nginx
-    results = []
+    results = []  # (request number, status, headers, body), in the order the answers came
     lock = threading.Lock()
+    sent = iter(range(1_000_000))
+    started = time.monotonic()
+    deadline = started + 3
 
-    def login(i: int) -> None:
+    def client() -> None:
         connection = http.client.HTTPConnection(nginx.host, nginx.port, timeout=30, source_address=(FLOODER, 0))
         try:
-            body = b'{"email": "flood@example.com"}'  # invalid: the app answers 422 without hashing
-            headers = {"Content-Type": "application/json", "X-Request-ID": f"flood-{i}"}
-            connection.request("POST", "/auth/login", body=body, headers=headers)
-            response = connection.getresponse()
-            answer = (i, response.status, response.headers, response.read())
+            while time.monotonic() < deadline:
+                with lock:
+                    i = next(sent)
+                body = b'{"email": "flood@example.com"}'  # invalid: the app answers 422 without hashing
+                headers = {"Content-Type": "application/json", "X-Request-ID": f"flood-{i}"}
+                connection.request("POST", "/auth/login", body=body, headers=headers)
+                response = connection.getresponse()
+                answer = (i, response.status, response.headers, response.read())
+                with lock:
+                    results.append(answer)
+                if response.getheader("Connection", "").lower() == "close":
+                    connection.close()
+                time.sleep(0.01)  # the client's pace
         finally:
             connection.close()
-        with lock:
-            results.append(answer)
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(login, range(300)))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(client) for _ in range(8)]:
+            future.result()
     elapsed = time.monotonic() - started
 
     statuses = [status for _, status, _, _ in results]
     passed = statuses.count(422)
     before_first_429 = statuses.index(429) if 429 in statuses else None
-    first_429_sent = min((i for i, status, _, _ in results if status == 429), default=None)
     allowed = AUTH_BURST + 1 + AUTH_RATE * elapsed
     print(
-        f"\nauth flood from one address: {passed} of 300 passed in {elapsed:.2f} s (burst {AUTH_BURST} + "
-        f"{AUTH_RATE}/s allows {allowed:.0f}), {statuses.count(429)} got 429; {before_first_429} answers came "
-        f"before the first 429, which was request #{first_429_sent} sent"
+        f"\nauth flood from one address: {passed} of {len(results)} logins passed in {elapsed:.2f} s "
+        f"(burst {AUTH_BURST} + {AUTH_RATE}/s allows {allowed:.0f}), {statuses.count(429)} got 429; "
+        f"the first 429 was answer #{None if before_first_429 is None else before_first_429 + 1}"
     )
     assert set(statuses) == {422, 429}, statuses
-    assert AUTH_BURST + 1 <= passed <= allowed + 1
+    # nginx counts time with its own clock, read once per event loop: a few requests of slack.
+    assert AUTH_BURST + 1 <= passed <= allowed + 10
+    assert before_first_429 >= AUTH_BURST + 1 - 8  # at most 8 in flight: nearly the whole burst first
     for i, status, headers, body in results:
         if status == 429:
             error = nginx_error(status, headers, body, expected=429, code="too_many_requests", request_id=f"flood-{i}")
@@ -517,10 +528,10 @@ def test_an_auth_flood_from_one_address_gets_429_after_the_burst(edge):
 
 
 def test_limit_conn_caps_the_requests_one_address_holds_open(edge):
-    """limit_conn counts requests in progress: 133 POSTs from 127.0.0.4 whose bodies do not come
-    yet. nginx holds the first 128 itself (the body is read before gunicorn, with 12 threads, is
-    asked) and answers exactly 5 with 429; the normal client is served meanwhile; once the
-    bodies come, all 128 are answered by the app."""
+    """limit_conn counts requests in progress: limit + 5 POSTs from 127.0.0.4 whose bodies do not
+    come yet. nginx holds `limit` of them itself (the body is read before gunicorn, with 12
+    threads, is asked) and answers exactly 5 with 429; the normal client is served meanwhile;
+    once the bodies come, the app answers every held one."""
     nginx = edge.nginx
     extra = 5
     headers = (
