@@ -145,7 +145,6 @@ class Slowloris:
             for sock in list(self.open):
                 self.selector.unregister(sock)
                 sock.close()
-            self.still_open_at_stop = len(self.open)
             self.open.clear()
             self.selector.close()
 
