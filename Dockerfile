@@ -43,8 +43,8 @@ CMD ["locust", "-f", "locustfile.py"]
 
 
 FROM base AS app
-# Inside the container network: the API on 5000, the merged metrics on 9200 (compose publishes
-# only 5000, on the host's loopback; 9200 stays on the container network for Prometheus).
+# Inside the container network only: the API on 5000 for nginx in front of it (compose publishes
+# nginx, never this port: gunicorn must not face clients), the merged metrics on 9200 for Prometheus.
 # Logs: JSON lines to stderr only (`docker compose logs app`), no file in the container.
 ENV FLASK_APP=service \
     FLASK_ENV=production \

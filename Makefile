@@ -1,10 +1,11 @@
-# Two commands matter: `make run` (serve on 127.0.0.1:5000) and `make test`.
+# Two commands matter: `make run` (serve on 127.0.0.1:5000) and `make test`. `make run-edge` puts
+# nginx in front (127.0.0.1:8080), as deployed.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps lint run test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps lint run run-edge test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,14 @@ METRICS_DIR ?= .data/metrics
 run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METRICS_BIND:-127.0.0.1:9200}
 	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
 	PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/gunicorn -c deploy/gunicorn.conf.py
+
+EDGE_BIND ?= 127.0.0.1:8080
+
+run-edge: install ## as `make run`, with nginx (deploy/nginx/flaskapi.conf) in front on $${EDGE_BIND:-127.0.0.1:8080}
+	@$(BIN)/python -m bench.edge --check
+	$(BIN)/python -m flask db upgrade
+	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
+	EDGE_BIND=$(EDGE_BIND) PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/python -m bench.edge
 
 system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk)
 	bash .ci/system-deps.sh

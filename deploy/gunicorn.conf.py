@@ -1,7 +1,8 @@
 """gunicorn settings for every way the service runs: `make run`, systemd, compose and the tests.
 
 Everything is read from the environment so one file serves them all:
-    BIND              127.0.0.1:5000 (put nginx in front, or set 0.0.0.0:5000 deliberately)
+    BIND              127.0.0.1:5000: loopback, or a private address only nginx reaches; never one
+                      clients reach (nginx buffers requests; a slow client holds a gunicorn thread)
     WEB_CONCURRENCY   worker processes; default cores + 1 (the lesson's rule; more processes than
                       that measured slower on 2 cores)
     GUNICORN_THREADS  threads per worker: 4 (gthread, the default, chosen by `make bench`); 1 = sync

@@ -40,7 +40,8 @@ Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx]
                 migrations are skipped, with a message
   --dry-run     print every command that would change something instead of running it
   --repo URL    deploy a git clone of URL (--ref: branch or tag) instead of this checkout
-  --no-nginx    do not install nginx nor its site (gunicorn's BIND is then your front door)
+  --no-nginx    do not install nginx nor its site (when your own buffering proxy fronts BIND:
+                gunicorn must never face clients)
   --no-venv     do not create or update /opt/flaskapi/venv (you manage it; tests)
 EOF
 }

@@ -1,6 +1,7 @@
 """docker-compose.yml and the Dockerfile: `docker-compose config -q`, the host paths it mounts,
-its published ports, its Prometheus and Grafana files against monitoring/ (promtool), and the
-image's CMD and HEALTHCHECK run against a real gunicorn."""
+its published ports (only the edge publishes the API), its nginx, Prometheus and Grafana files
+against the repo's (the site rendered, promtool), and the image's CMD and HEALTHCHECK run
+against a real gunicorn."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import yaml
 
 from bench.harness.environment import ROOT, free_port
+from bench.harness.nginx import COMPOSE_SITE, render_compose
 from bench.harness.process import ManagedProcess
 from bench.harness.scrape import metric, scrape
 from tests.deploy_files import COMPOSE, DEPLOY, SECRET, compose, dockerfile_env, dockerfile_stages, last
@@ -39,7 +41,16 @@ def test_compose_config_is_valid_and_needs_a_jwt_secret(tmp_path):
 
 def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "app", "prometheus", "grafana", "locust-master", "locust-worker"}
+    assert set(services) == {
+        "postgres",
+        "migrate",
+        "app",
+        "nginx",
+        "prometheus",
+        "grafana",
+        "locust-master",
+        "locust-worker",
+    }
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -55,14 +66,22 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
             host_ip, host_port, _container_port = str(port).split(":")
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
             published[name] = int(host_port)
-    assert published == {"app": 5000, "prometheus": 9090, "grafana": 3000, "locust-master": 8089}
+    # The API only through the edge: gunicorn's port is on the compose network, never the host's.
+    assert published == {"nginx": 8080, "prometheus": 9090, "grafana": 3000, "locust-master": 8089}
+    assert "ports" not in services["app"] and services["nginx"]["ports"] == ["127.0.0.1:8080:80"]
     assert "9200" not in json.dumps({n: s.get("ports", []) for n, s in services.items()})
+    assert "5000" not in json.dumps({n: s.get("ports", []) for n, s in services.items()})
 
     assert services["migrate"]["command"] == ["python", "-m", "flask", "db", "upgrade"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["app"]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
     assert services["postgres"]["image"] == "postgres:16" and "healthcheck" in services["postgres"]
+    assert services["nginx"]["depends_on"] == {"app": {"condition": "service_healthy"}}
+    assert services["app"]["environment"]["TRUSTED_PROXIES"] == "1"  # nginx is one hop in front
     master, worker = services["locust-master"], services["locust-worker"]
+    # The load generator is a client like any other: through the edge.
+    assert master["command"][-2:] == ["--host", "http://nginx"]
+    assert master["depends_on"] == {"nginx": {"condition": "service_healthy"}}
     assert master["environment"]["LOCUST_METRICS_BIND"] == "0.0.0.0:9646" and "--master" in master["command"]
     assert worker["command"][-3:] == ["--worker", "--master-host", "locust-master"]
     assert "container_name" not in worker and worker["deploy"]["replicas"] >= 1
@@ -74,6 +93,22 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
         grafana_mounts["./deploy/compose/grafana/datasource.yml"]
         == "/etc/grafana/provisioning/datasources/prometheus.yml"
     )
+
+
+def test_compose_nginx_is_the_site_rendered_for_the_app_service():
+    """The site of deploy/nginx/flaskapi.conf with only the upstream (app:5000), the listen (port
+    80, IPv4) and the log files changed: regenerated with `python -m bench.harness.nginx compose`."""
+    mounts = dict(v.split(":")[:2] for v in compose()["services"]["nginx"]["volumes"])
+    assert mounts == {"./deploy/compose/nginx.conf": "/etc/nginx/conf.d/default.conf"}
+    assert COMPOSE_SITE.read_text() == render_compose(), (
+        "deploy/compose/nginx.conf differs from deploy/nginx/flaskapi.conf rendered: run "
+        "`python -m bench.harness.nginx compose`"
+    )
+    text = COMPOSE_SITE.read_text()
+    assert "server app:5000;" in text and "listen 80 default_server;" in text and "[::]" not in text
+    assert "/var/log/nginx" not in text and "access_log /dev/stdout flaskapi_json;" in text
+    healthcheck = compose()["services"]["nginx"]["healthcheck"]["test"]
+    assert healthcheck[0] == "CMD" and "http://127.0.0.1/healthz" in healthcheck
 
 
 def without_targets(config: dict) -> dict:

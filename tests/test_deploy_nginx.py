@@ -1,5 +1,7 @@
-"""deploy/nginx: `nginx -t` on the site, then a real nginx in front of a header-echoing upstream
-(request ids, forwarded headers, the body size limit, nginx's own errors in the app's shape)."""
+"""deploy/nginx: `nginx -t` on the site (alone, and inside Debian's own nginx.conf), then a real
+nginx in front of a header-echoing upstream (request ids, forwarded headers, the body size limit,
+nginx's own errors in the app's shape). The edge against the real app and hostile clients:
+tests/test_edge.py."""
 
 from __future__ import annotations
 
@@ -7,55 +9,48 @@ import http.server
 import json
 import os
 import re
-import signal
 import threading
 from pathlib import Path
 
 import requests
 
 from bench.harness.environment import free_port
+from bench.harness.nginx import Nginx, render
 from bench.harness.polling import wait_for
-from bench.harness.process import ManagedProcess
 from tests.deploy_files import NGINX_SITE, env_example_values
 from tests.deploy_tools import run, tool
 
 
-def nginx_config(tmp: Path, site: str) -> Path:
-    (tmp / "logs").mkdir(exist_ok=True)
-    (tmp / "site.conf").write_text(site.replace("/var/log/nginx/", f"{tmp}/logs/"))
-    temp_paths = " ".join(
-        f"{kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (tmp / "nginx.conf").write_text(
-        f"{user}pid {tmp}/nginx.pid;\nerror_log {tmp}/logs/error.log;\nevents {{}}\n"
-        f"http {{\n  {temp_paths}\n  access_log {tmp}/logs/access.log;\n  include {tmp}/site.conf;\n}}\n"
-    )
-    return tmp / "nginx.conf"
-
-
-class Nginx(ManagedProcess):
-    """nginx in the foreground on a config under `prefix`, stopped as nginx is stopped
-    gracefully: SIGQUIT to the master, which lets its workers finish."""
-
-    name = "nginx"
-    stop_signal = signal.SIGQUIT
-    stop_timeout = 10.0
-    kill_mode = "mixed"
-
-    def __init__(self, prefix: Path, config: Path) -> None:
-        super().__init__(
-            [tool("nginx"), "-p", prefix, "-e", prefix / "logs" / "error.log", "-c", config, "-g", "daemon off;"],
-            log_path=prefix / "nginx.out",
-        )
-
-
-def test_nginx_accepts_the_site(tmp_path):
-    config = nginx_config(tmp_path, NGINX_SITE.read_text())
-    result = run([tool("nginx"), "-t", "-p", tmp_path, "-e", tmp_path / "logs" / "error.log", "-c", config])
+def nginx_test(prefix: Path, config: Path) -> str:
+    """`nginx -t` on `config`: what it printed, which must say the test is successful without a
+    warning or an error."""
+    result = run([tool("nginx"), "-t", "-p", prefix, "-e", prefix / "logs" / "error.log", "-c", config])
     output = result.stdout + result.stderr
     assert "test is successful" in output
     assert not re.search(r"\[(warn|emerg|alert|crit|error)\]", output), output
+    return output
+
+
+def test_nginx_accepts_the_site(tmp_path):
+    """The site as written (port 80, upstream 127.0.0.1:5000), only its logs moved."""
+    nginx_test(tmp_path, render(tmp_path))
+
+
+def test_the_site_fits_in_debians_nginx_conf(tmp_path):
+    """Included where Debian includes sites-enabled/ (inside its http {}, after its own
+    directives), the site repeats none of them: `nginx -t` on Debian's nginx.conf itself."""
+    debian = Path("/etc/nginx/nginx.conf")
+    assert debian.exists(), "Debian's /etc/nginx/nginx.conf: apt-get install nginx"
+    render(tmp_path)  # the site, its logs under tmp_path/logs
+    text = debian.read_text()
+    assert "include /etc/nginx/sites-enabled/*;" in text
+    text = text.replace("include /etc/nginx/sites-enabled/*;", f"include {tmp_path / 'site.conf'};")
+    text = text.replace("/var/log/nginx/", f"{tmp_path}/logs/")
+    text = re.sub(r"^pid .*;$", f"pid {tmp_path}/nginx.pid;", text, flags=re.M)
+    if os.geteuid() != 0:  # `user` makes sense only to a master started as root
+        text = re.sub(r"^user .*;$", "", text, flags=re.M)
+    (tmp_path / "debian.conf").write_text(text)
+    nginx_test(tmp_path, tmp_path / "debian.conf")
 
 
 class EchoHandler(http.server.BaseHTTPRequestHandler):
@@ -81,29 +76,16 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_path):
-    upstream_port, port = free_port(), free_port()
-    site = (
-        NGINX_SITE.read_text()
-        .replace("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")
-        .replace("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;")
-        .replace("listen [::]:80 default_server;", "")
-    )
-    assert f"127.0.0.1:{upstream_port}" in site and f"127.0.0.1:{port}" in site
-    config = nginx_config(tmp_path, site)
-    nginx = Nginx(tmp_path, config).start()
+    upstream_port = free_port()
+    nginx = Nginx(tmp_path, upstream=f"127.0.0.1:{upstream_port}").start()
     upstream = None
     try:
-        url = f"http://127.0.0.1:{port}"
+        site = (tmp_path / "site.conf").read_text()
+        assert f"server 127.0.0.1:{upstream_port};" in site and f"listen {nginx.listen} default_server;" in site
+        url = nginx.url
 
         # Upstream down: nginx's own 502, in the app's error shape, with a request id.
-        def answer():
-            assert nginx.poll() is None, nginx.output()
-            try:  # in a list: a Response is falsy when its status is 4xx/5xx
-                return [requests.get(url + "/books/", timeout=10)]
-            except requests.ConnectionError:  # not listening yet
-                return None
-
-        [response] = wait_for(answer, f"nginx to answer on {url}")
+        response = requests.get(url + "/books/", timeout=10)
         assert response.status_code == 502
         error = response.json()["error"]
         assert error["code"] == "bad_gateway" and re.fullmatch(r"[0-9a-f]{32}", error["request_id"])
@@ -138,8 +120,7 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
 
         # nginx's access log has the same id (written just after the response: wait for it).
         def logged_413s():
-            access = [json.loads(line) for line in (tmp_path / "logs" / "flaskapi.access.log").read_text().splitlines()]
-            return [entry["request_id"] for entry in access if entry["status"] == 413]
+            return [entry["request_id"] for entry in nginx.access_log() if entry["status"] == 413]
 
         assert wait_for(logged_413s, "the 413 in nginx's access log") == ["big-1"]
 

@@ -6,6 +6,8 @@ start and stop real processes, and what they share to look at them.
     commands      one-shot commands with a timeout (the CLI, migrations)
     process       ManagedProcess: own session, log file, readiness wait, stop by PID then SIGKILL
     gunicorn      the service under gunicorn with deploy/gunicorn.conf.py
+    nginx         the project's nginx site rendered for a private nginx (make run-edge, tests,
+                  the compose variant), and that nginx as a process
     prometheus    the real Prometheus with the repo's config and rules, and its query API
     scrape        samples of a Prometheus text endpoint
     sentry_receiver  a local stand-in for Sentry's ingestion endpoint

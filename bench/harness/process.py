@@ -32,7 +32,9 @@ class ManagedProcess:
       stop a service, and SIGKILLs whatever is left of the group once that has exited.
 
     `env` is the whole environment (None: ours); the process starts in `cwd`, the repo root
-    unless told otherwise. A context manager: started on entry, stopped on exit.
+    unless told otherwise. `log_path=None` leaves its output on our stdout and stderr (a launcher
+    in a terminal, such as `make run-edge`); `output()` is then empty. A context manager: started
+    on entry, stopped on exit.
     """
 
     name = "process"
@@ -45,7 +47,7 @@ class ManagedProcess:
         self,
         argv,
         *,
-        log_path: Path,
+        log_path: Path | None,
         env: dict[str, str] | None = None,
         cwd: Path = ROOT,
         ready_url: str | None = None,
@@ -53,7 +55,7 @@ class ManagedProcess:
         kill_mode: str | None = None,
     ) -> None:
         self.argv = [str(arg) for arg in argv]
-        self.log_path = Path(log_path)
+        self.log_path = None if log_path is None else Path(log_path)
         self.env = env
         self.cwd = cwd
         self.ready_url = ready_url
@@ -69,10 +71,13 @@ class ManagedProcess:
         """Start it; when it has a `ready_url`, return once that answers 200 (see wait_ready)."""
         if self.process is not None:
             raise RuntimeError(f"{self.name} was started already")
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        if self.log_path is None:
+            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, start_new_session=True)
+        else:
+            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(
+                    self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         if self.ready_url is not None:
             self.wait_ready(self.ready_url, timeout)
         return self
@@ -102,7 +107,9 @@ class ManagedProcess:
 
     def output(self) -> str:
         """Everything it has written so far (stdout and stderr, interleaved as written)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Stop it by PID: `stop_signal` as `kill_mode` says, SIGKILL to the process group if it
