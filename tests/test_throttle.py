@@ -481,6 +481,32 @@ def test_concurrent_registrations_take_exactly_the_limit(throttled):
     assert sorted(statuses) == [201] * 10 + [429] * 20
 
 
+def test_concurrent_guesses_on_one_account_get_exactly_the_free_failures(throttled, verified):
+    """An attempt is counted for its (account, address) pair before the password is checked, so
+    guesses sent all at once cannot slip past the delay while the first ones are being verified."""
+    app = throttled(DB_POOL_SIZE="8")
+    assert post(app.test_client(), "/auth/register", VICTIM, OWNER).status_code == 201
+    statuses = []
+    lock = threading.Lock()
+    start = threading.Barrier(24)
+
+    def guess():
+        client = app.test_client()
+        start.wait()
+        response = post(client, "/auth/login", WRONG)
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=guess) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [401] * 5 + [429] * 19
+    assert len(verified) == 5
+    assert post(app.test_client(), "/auth/login", VICTIM, OWNER).status_code == 200
+
+
 def test_the_off_switch(throttled, verified):
     app = throttled(THROTTLE_ENABLED="0")
     client = app.test_client()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.stack
 
 WORKERS = 3
 REGISTER_LIMIT = 30
-ATTACKER, OWNER, FARMER, LOCKED_OUT = "127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"
+ATTACKER, OWNER, FARMER, LOCKED_OUT, SWARM = "127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 
 
 class SourceAddress(HTTPAdapter):
@@ -138,6 +138,27 @@ def test_brute_force_on_one_account_from_one_address(stack):
     everything = "".join(path.read_text() for path in stack.log_dir.glob("app.log*")) + stack.output()
     for secret in (victim["password"], wrong["password"], victim["email"]):
         assert secret not in everything
+
+
+def test_concurrent_guesses_across_the_workers_get_exactly_the_free_failures(stack):
+    """Guesses sent at once, spread over the three workers, cannot slip past the delay while the
+    first ones are being verified: each is counted for its pair before its password is checked."""
+    victim = {"email": f"swarmed-{uuid.uuid4().hex[:8]}@example.com", "password": "correct horse battery"}
+    with session_from(OWNER) as owner:
+        assert owner.post(stack.url + "/auth/register", json=victim, timeout=30).status_code == 201
+
+    def guess(_) -> int:
+        with session_from(SWARM) as session:
+            return session.post(
+                stack.url + "/auth/login",
+                json={**victim, "password": "not-the-password"},
+                headers={"Connection": "close"},
+                timeout=60,
+            ).status_code
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = sorted(pool.map(guess, range(36)))
+    assert statuses == [401] * 5 + [429] * 31
 
 
 def test_a_register_flood_gets_exactly_the_limit_across_the_workers(stack):

@@ -1,7 +1,7 @@
 """Brute-force and abuse limits on /auth/login and /auth/register, shared by every worker
 process and every app host.
 
-What is limited (the settings and their defaults: service/settings.py, docs/api.md#throttling):
+What is limited (the settings and their defaults: service/settings.py, docs/api.md#login-and-registration-limits):
 
 - **per account and client address**, consecutive failed logins, as the OWASP Authentication
   Cheat Sheet's login throttling describes: after THROTTLE_ACCOUNT_FREE_FAILURES (5) the pair is
@@ -13,6 +13,13 @@ What is limited (the settings and their defaults: service/settings.py, docs/api.
 - **per client address**: logins and registrations per fixed window, and failed logins across
   all accounts per window (password spraying; and once over it, every further login from that
   address is refused without argon2 work, so a login flood stops costing CPU).
+
+A login is counted as a failure before its password is checked, and a success takes the count
+back: row locks then serialise the attempts on one (account, address) pair, so guesses sent all
+at once, through any workers and hosts, get exactly THROTTLE_ACCOUNT_FREE_FAILURES through
+before the first delay, and one per delay after it (counting after the outcome let 12 of 16
+concurrent guesses through, measured). It also makes the attack path the cheap one: a failed or
+refused login costs one round trip, a successful one two.
 
 Why the account delay is keyed on (account, address) and there is no account-wide lockout: a
 delay on the account alone would let anyone lock its owner out by sending wrong passwords for
@@ -28,7 +35,9 @@ The store is the Postgres the service already uses (table throttle_counters, mig
   requests spread (per-process memory would let 3 workers x N hosts each grant the full limit);
 - each decision is one round trip: an atomic `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`
   that counts the hit, restarts an expired window and returns the count and the seconds left,
-  so concurrent requests on any host can never both take the last slot;
+  so concurrent requests on any host can never both take the last slot (for a login, three such
+  upserts chained in one statement: the plpgsql function throttle_login_check of the migration,
+  whose plan Postgres keeps per session; planned on every call it cost 0.8 ms, 0.3 ms so);
 - it is transactional and has one clock (the database's `now()`), so hosts with drifting clocks
   agree on when a window ends;
 - there is no new moving part to install, secure, monitor or fail over, and `make run` and the
@@ -36,13 +45,15 @@ The store is the Postgres the service already uses (table throttle_counters, mig
 
 Flask-Limiter, the usual Flask answer, counts in process memory unless given Redis, Memcached
 or MongoDB; shared limits would mean running (and failing over) one of those next to Postgres.
-Measured (`python -m bench.throttle_cost`): +0.4-0.6 ms a registration or login (one round
-trip), +1.1 ms a failed login (two), next to the ~22 ms of one argon2 hash at the shipped cost.
+Measured (`python -m bench.throttle_cost`): +0.5 ms a registration or a failed login (one round
+trip), +1.0 ms a successful login (two), next to the ~22 ms of one argon2 hash at the shipped
+cost.
 
 The table stays small: a row is a running window or delay; a row past its `expires_at` counts as
 absent (the next hit restarts it in the same UPSERT), and each process deletes expired rows in
-batches about once a minute (`sweep`). Its size is bounded by the addresses active in the last
-window plus the (account, address) pairs with a failure in the last THROTTLE_ACCOUNT_RESET_SECONDS.
+batches about once a minute (`sweep`); a successful login deletes its pair's row at once. Its
+size is bounded by the addresses active in the last window plus the (account, address) pairs
+with a failure in the last THROTTLE_ACCOUNT_RESET_SECONDS.
 
 When the store fails or is slow (a lock held on the table, the database down or overloaded),
 the request is served without the limits (fail open): every throttle statement runs with its
@@ -53,8 +64,8 @@ us a statement, against +35-45 us for a SQL function with a SET clause, which bo
 waits (a statement_timeout set inside a function does not apply to the statement running it).
 A logged table took 380 us an upsert against 175 us unlogged: the commit's WAL flush. A failure
 is counted in flaskapi_throttle_store_errors_total and logged as one WARNING line per process
-and minute (the next line says how many were not logged). After one failure a request makes no further throttle
-statement, so it waits at most one deadline. A pool with no free connection is not a store
+and minute (the next line says how many were not logged). After one failure a request makes no
+further throttle statement, so it waits at most one deadline. A pool with no free connection is not a store
 failure: that answers 503 as everywhere else (errors.py).
 
 The client address is `request.remote_addr`, which behind nginx is the client's only with
@@ -143,79 +154,52 @@ RETURNING t.hits,
 """
 )
 
-# Before a login: count it in the address's window, and read (without writing) the address's
-# failures and the (account, address) pair's delay.
+# Before a login, one statement: count it in the address's login window; then, unless that
+# refused it or the address is over its failure cap, count it for the (account, address) pair
+# as if it will fail, setting the delay that failure earns, unless the pair is in a delay now
+# (refused); then count it among the address's failures, again as if it will fail. A success
+# undoes both (_SUCCESS). Counting before the outcome is what makes the limits exact under
+# concurrency: row locks serialise the attempts on one pair, so however many race, only
+# free_failures pass before the first delay (counting after the outcome let 12 of 16
+# concurrent guesses through, measured). The statement is the plpgsql function
+# throttle_login_check of migration 0002: planning that chain of three upserts cost twice its
+# execution on every call (811 against 278 us prepared); a plpgsql function keeps its plan for
+# the session (314 us) and needs no per-connection state (a server-side PREPARE would, and
+# breaks behind a transaction-pooling proxy). `counted` is NULL when the attempt was refused.
 _LOGIN_CHECK = text(
     """
 SELECT set_config('lock_timeout', :deadline, true), set_config('statement_timeout', :deadline, true);
-WITH clock AS (SELECT COALESCE(to_timestamp(CAST(:now AS double precision)), now()) AS now),
-hit AS (
-    INSERT INTO throttle_counters AS t (key, hits, expires_at)
-    SELECT :login_key, 1, clock.now + make_interval(secs => :login_window) FROM clock
-    ON CONFLICT (key) DO UPDATE SET
-        hits = CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN 1 ELSE t.hits + 1 END,
-        expires_at = CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN EXCLUDED.expires_at ELSE t.expires_at END
-    RETURNING t.hits, t.expires_at
+SELECT * FROM throttle_login_check(
+    p_now => CAST(:now AS double precision),
+    p_login_key => :login_key,
+    p_login_window => :login_window,
+    p_login_limit => :login_limit,
+    p_failures_key => :failures_key,
+    p_failures_window => :failures_window,
+    p_failures_limit => :failures_limit,
+    p_account_key => :account_key,
+    p_free => :free,
+    p_delay => :delay,
+    p_delay_max => :delay_max,
+    p_max_doublings => :max_doublings,
+    p_reset => :reset
 )
-SELECT
-    hit.hits AS logins,
-    CAST(GREATEST(1, CEIL(EXTRACT(EPOCH FROM hit.expires_at - clock.now))) AS integer) AS logins_retry,
-    COALESCE(f.hits, 0) AS address_failures,
-    CAST(GREATEST(1, CEIL(EXTRACT(EPOCH FROM f.expires_at - clock.now))) AS integer) AS failures_retry,
-    COALESCE(a.hits, 0) AS account_failures,
-    CASE WHEN a.blocked_until > clock.now
-        THEN CAST(GREATEST(1, CEIL(EXTRACT(EPOCH FROM a.blocked_until - clock.now))) AS integer)
-    END AS account_retry
-FROM hit CROSS JOIN clock
-LEFT JOIN throttle_counters f ON f.key = :failures_key AND f.expires_at > clock.now
-LEFT JOIN throttle_counters a ON a.key = :account_key AND a.expires_at > clock.now
 """
 )
 
-# After a failed login: one more failure in the address's window, and one more consecutive
-# failure for the pair, which from the free_failures-th on is refused for delay * 2^(n - free),
-# capped (Limits.delay_after). Both rows in one statement: two data-modifying CTEs, two rows.
-_FAILURE = text(
+# After a successful login: the pair starts again, and the attempt no longer counts among the
+# address's failures. Two statements in one round trip, locking the rows in _LOGIN_CHECK's order.
+_SUCCESS = text(
     """
 SELECT set_config('lock_timeout', :deadline, true), set_config('statement_timeout', :deadline, true);
-WITH clock AS (SELECT COALESCE(to_timestamp(CAST(:now AS double precision)), now()) AS now),
-failures AS (
-    INSERT INTO throttle_counters AS t (key, hits, expires_at)
-    SELECT :failures_key, 1, clock.now + make_interval(secs => :failures_window) FROM clock
-    ON CONFLICT (key) DO UPDATE SET
-        hits = CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN 1 ELSE t.hits + 1 END,
-        expires_at = CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN EXCLUDED.expires_at ELSE t.expires_at END
-    RETURNING t.hits
-),
-account AS (
-    INSERT INTO throttle_counters AS t (key, hits, expires_at, blocked_until)
-    SELECT :account_key, 1, clock.now + make_interval(secs => :reset),
-        CASE WHEN 1 >= :free THEN clock.now + make_interval(secs => LEAST(:delay_max, :delay)) END
-    FROM clock
-    ON CONFLICT (key) DO UPDATE SET
-        hits = CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN 1 ELSE t.hits + 1 END,
-        blocked_until = CASE
-            WHEN (CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN 1 ELSE t.hits + 1 END) >= :free
-            THEN (SELECT now FROM clock) + make_interval(secs => LEAST(CAST(:delay_max AS double precision),
-                :delay * power(2, LEAST((CASE WHEN t.expires_at <= (SELECT now FROM clock) THEN 1 ELSE t.hits + 1 END)
-                    - :free, :max_doublings))))
-        END,
-        expires_at = EXCLUDED.expires_at
-    RETURNING t.hits, t.blocked_until
-)
-SELECT failures.hits AS address_failures, account.hits AS account_failures FROM failures CROSS JOIN account
+DELETE FROM throttle_counters WHERE key = :account_key;
+UPDATE throttle_counters SET hits = GREATEST(hits - 1, 0)
+WHERE key = :failures_key AND expires_at > COALESCE(to_timestamp(CAST(:now AS double precision)), now())
 """
 )
 
-# After a successful login that followed failures: the pair starts again.
-_RESET = text(
-    """
-SELECT set_config('lock_timeout', :deadline, true), set_config('statement_timeout', :deadline, true);
-DELETE FROM throttle_counters WHERE key = :account_key
-"""
-)
-
-# Expired rows, a batch at a time (a row past expires_at already counts as absent).
+# Expired rows, a batch at a time (a row past expires_at already counts as absent). SKIP LOCKED:
+# never wait for, nor deadlock with, a request restarting one of them.
 _SWEEP = text(
     """
 SELECT set_config('lock_timeout', :deadline, true), set_config('statement_timeout', :deadline, true);
@@ -223,6 +207,7 @@ DELETE FROM throttle_counters WHERE key IN (
     SELECT key FROM throttle_counters
     WHERE expires_at <= COALESCE(to_timestamp(CAST(:now AS double precision)), now())
     LIMIT :batch
+    FOR UPDATE SKIP LOCKED
 )
 """
 )
@@ -260,7 +245,7 @@ class Limits:
 
     def delay_after(self, failures: int) -> int | None:
         """Seconds an (account, address) pair is refused after its `failures`-th consecutive
-        failure (None: not yet). The SQL of `_FAILURE` computes the same."""
+        failure (None: not yet). The SQL of `_LOGIN_CHECK` computes the same."""
         if failures < self.free_failures:
             return None
         return min(self.delay_max, self.delay * 2 ** min(failures - self.free_failures, MAX_DOUBLINGS))
@@ -327,7 +312,7 @@ class Throttle:
         """Before a login (email normalised): raise a 429 APIError if this address or this
         (account, address) pair is refused; otherwise the attempt, to report its outcome."""
         if not self.enabled:
-            return LoginAttempt(self, client="", account="", failures=None)
+            return LoginAttempt(self, client="", account="", counted=False)
         client = client_address(request.remote_addr if remote_addr is None else remote_addr)
         account = self.account_hash(email)
         self._maybe_sweep()
@@ -338,22 +323,32 @@ class Throttle:
                 _LOGIN_CHECK,
                 login_key=f"login|{client}",
                 login_window=limits.login_window,
+                login_limit=limits.login_limit,
                 failures_key=f"failures|{client}",
+                failures_window=limits.failures_window,
+                failures_limit=limits.failures_limit,
                 account_key=f"account|{account}|{client}",
+                reset=limits.reset,
+                free=limits.free_failures,
+                delay=limits.delay,
+                delay_max=limits.delay_max,
+                max_doublings=MAX_DOUBLINGS,
             )
         except _StoreError:
-            return LoginAttempt(self, client=client, account=account, failures=None)
-        refusals = []
-        if row.logins > limits.login_limit:
-            refusals.append((row.logins_retry, "login_rate"))
-        if row.address_failures >= limits.failures_limit:
-            refusals.append((row.failures_retry, "address_failures"))
-        if row.account_retry is not None:
-            refusals.append((row.account_retry, "account_delay"))
-        if refusals:
+            return LoginAttempt(self, client=client, account=account, counted=False)
+        if row.counted is None:  # refused: not counted for the pair, nor among the failures
+            refusals = []
+            if row.logins > limits.login_limit:
+                refusals.append((row.logins_retry, "login_rate"))
+            if row.address_failures >= limits.failures_limit:
+                refusals.append((row.failures_retry, "address_failures"))
+            if row.account_retry is not None:
+                refusals.append((row.account_retry, "account_delay"))
+            if not refusals:  # a concurrent attempt on the pair started a delay after our snapshot
+                refusals.append((limits.delay_after(row.account_failures + 1) or 1, "account_delay"))
             retry_after, reason = max(refusals)  # the longest: retrying earlier is refused again
             self._refuse(LOGIN, reason, retry_after, client, account=account)
-        return LoginAttempt(self, client=client, account=account, failures=row.account_failures)
+        return LoginAttempt(self, client=client, account=account, counted=True)
 
     def account_hash(self, email: str) -> str:
         return hmac.new(self._hash_key, email.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
@@ -367,25 +362,14 @@ class Throttle:
 
     # --- inside -------------------------------------------------------------------------------
 
-    def _record_failure(self, attempt: LoginAttempt) -> None:
-        limits = self.limits
+    def _succeeded(self, attempt: LoginAttempt) -> None:
         with contextlib.suppress(_StoreError):
             self._run(
-                "login_failure",
-                _FAILURE,
-                failures_key=f"failures|{attempt.client}",
-                failures_window=limits.failures_window,
+                "login_success",
+                _SUCCESS,
                 account_key=f"account|{attempt.account}|{attempt.client}",
-                reset=limits.reset,
-                free=limits.free_failures,
-                delay=limits.delay,
-                delay_max=limits.delay_max,
-                max_doublings=MAX_DOUBLINGS,
+                failures_key=f"failures|{attempt.client}",
             )
-
-    def _reset(self, attempt: LoginAttempt) -> None:
-        with contextlib.suppress(_StoreError):
-            self._run("login_reset", _RESET, account_key=f"account|{attempt.account}|{attempt.client}")
 
     def _run(self, operation: str, statement, **params):
         """One statement under the deadline: its first row, or for a DELETE the rows deleted."""
@@ -447,21 +431,20 @@ class Throttle:
 
 @dataclasses.dataclass
 class LoginAttempt:
-    """A login the limits let through; the view reports how it ended."""
+    """A login the limits let through, already counted as a failure; the view reports how it
+    ended: a failure costs nothing more, a success one round trip to undo the count."""
 
     throttle: Throttle
     client: str
     account: str
-    failures: int | None  # consecutive failures seen before it; None: unknown (off, or the store failed)
+    counted: bool  # False: the limits are off, or the store failed (nothing to undo)
 
     def failed(self) -> None:
         LOGIN_FAILURES.inc()
-        if self.failures is not None:
-            self.throttle._record_failure(self)
 
     def succeeded(self) -> None:
-        if self.failures:  # only a pair with failures has a row to delete: no round trip otherwise
-            self.throttle._reset(self)
+        if self.counted:
+            self.throttle._succeeded(self)
 
 
 def current() -> Throttle:
