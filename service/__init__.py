@@ -30,6 +30,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     configure(app, settings)
     register_request_context(app)
     register_extensions(app, settings)
+    register_throttle(app, settings)
     register_observability(app, settings)
     register_blueprints(app, settings)
     register_request_guards(app)
@@ -103,6 +104,15 @@ def register_extensions(app: APIFlask, settings: Settings) -> None:
         memory_cost=settings.password_memory_cost,
         parallelism=settings.password_parallelism,
     )
+
+
+def register_throttle(app: APIFlask, settings: Settings) -> None:
+    """Brute-force and abuse limits on login and registration, counted in Postgres so that every
+    worker and host shares them (service/auth/throttle.py); the views ask it before any argon2
+    work. Off with THROTTLE_ENABLED=0."""
+    from service.auth import throttle
+
+    throttle.init_app(app, settings)
 
 
 def register_blueprints(app: APIFlask, settings: Settings) -> None:

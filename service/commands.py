@@ -102,4 +102,5 @@ def drop(yes: bool) -> None:
     db.drop_all()
     with db.engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        conn.execute(text("DROP FUNCTION IF EXISTS throttle_login_check"))  # migration 0002's
     click.echo("Dropped all tables.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, String, func
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.extensions import db
@@ -40,3 +40,27 @@ class Book(db.Model):
     # The list page is a keyset scan on the primary key (newest first); the owner index serves
     # "my books" look-ups and the ON DELETE CASCADE from users.
     __table_args__ = (Index("ix_books_owner_id_id", "owner_id", "id"),)
+
+
+class ThrottleCounter(db.Model):
+    """One counter of the login and registration limits (service/auth/throttle.py, which owns
+    every statement on it). A row past `expires_at` counts as absent: the next hit restarts it
+    and the sweep deletes it, so the table holds only the windows and delays still running.
+
+    UNLOGGED: no WAL, so a write does not wait for a disk flush at commit (measured: half the
+    time of a logged table's upsert). The price is that a database crash empties the table,
+    which only forgets the counters running at that moment.
+    """
+
+    __tablename__ = "throttle_counters"
+
+    # "<kind>|<client address>", or "account|<keyed hash of the email>|<client address>"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    hits: Mapped[int] = mapped_column(Integer, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Account counters only: no login for this account from this address until then.
+    blocked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    # Rows are updated in place on every hit; free room in each page keeps those updates HOT
+    # (no new index entry, no page hop).
+    __table_args__ = ({"prefixes": ["UNLOGGED"], "postgresql_with": {"fillfactor": 70}},)

@@ -124,6 +124,18 @@ class Settings:
     sentry_traces_sample_rate: float
     gunicorn_threads: int
     trusted_proxies: int
+    throttle_enabled: bool
+    throttle_register_limit: int
+    throttle_register_window: int
+    throttle_login_limit: int
+    throttle_login_window: int
+    throttle_address_failures_limit: int
+    throttle_address_failures_window: int
+    throttle_account_free_failures: int
+    throttle_account_delay: int
+    throttle_account_delay_max: int
+    throttle_account_reset: int
+    throttle_store_timeout_ms: int
 
     @property
     def is_production(self) -> bool:
@@ -171,7 +183,7 @@ class Settings:
         if not secret:
             secret = _development_secret(data_dir)
 
-        return cls(
+        settings = cls(
             env=flask_env,
             database_uri=database_uri,
             jwt_secret_key=secret,
@@ -219,7 +231,34 @@ class Settings:
             sentry_traces_sample_rate=_float(env, "SENTRY_TRACES_SAMPLE_RATE", 0.0, minimum=0.0),
             gunicorn_threads=threads,
             trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, minimum=0),
+            # Brute-force and abuse limits (service/auth/throttle.py, docs/api.md). The address
+            # caps leave the lesson's load test (1,000 users registering and logging in from one
+            # address at ~10/s each) twice its rate; the per-account delays stop password guessing.
+            throttle_enabled=_bool(env, "THROTTLE_ENABLED", True),
+            throttle_register_limit=_int(env, "THROTTLE_REGISTER_LIMIT", 1200, minimum=1),
+            throttle_register_window=_int(env, "THROTTLE_REGISTER_WINDOW_SECONDS", 60, minimum=1),
+            throttle_login_limit=_int(env, "THROTTLE_LOGIN_LIMIT", 1200, minimum=1),
+            throttle_login_window=_int(env, "THROTTLE_LOGIN_WINDOW_SECONDS", 60, minimum=1),
+            throttle_address_failures_limit=_int(env, "THROTTLE_ADDRESS_FAILURES_LIMIT", 100, minimum=1),
+            throttle_address_failures_window=_int(env, "THROTTLE_ADDRESS_FAILURES_WINDOW_SECONDS", 300, minimum=1),
+            throttle_account_free_failures=_int(env, "THROTTLE_ACCOUNT_FREE_FAILURES", 5, minimum=1),
+            throttle_account_delay=_int(env, "THROTTLE_ACCOUNT_DELAY_SECONDS", 1, minimum=1),
+            throttle_account_delay_max=_int(env, "THROTTLE_ACCOUNT_DELAY_MAX_SECONDS", 900, minimum=1),
+            throttle_account_reset=_int(env, "THROTTLE_ACCOUNT_RESET_SECONDS", 86400, minimum=1),
+            throttle_store_timeout_ms=_int(env, "THROTTLE_STORE_TIMEOUT_MS", 250, minimum=1),
         )
+        if settings.throttle_account_delay_max < settings.throttle_account_delay:
+            raise SettingsError(
+                "THROTTLE_ACCOUNT_DELAY_MAX_SECONDS must be >= THROTTLE_ACCOUNT_DELAY_SECONDS, got "
+                f"{settings.throttle_account_delay_max} < {settings.throttle_account_delay}"
+            )
+        if settings.throttle_account_reset < settings.throttle_account_delay_max:
+            raise SettingsError(
+                "THROTTLE_ACCOUNT_RESET_SECONDS must be >= THROTTLE_ACCOUNT_DELAY_MAX_SECONDS (failures are "
+                f"remembered at least as long as the longest delay), got {settings.throttle_account_reset} < "
+                f"{settings.throttle_account_delay_max}"
+            )
+        return settings
 
 
 def _development_secret(data_dir: Path) -> str:

@@ -91,10 +91,10 @@ def make_app(database_uri, tmp_path):
 
 
 def empty_tables(app) -> None:
-    """After a test: every row gone, the app's pool closed."""
+    """After a test: every row gone (the throttle's counters too), the app's pool closed."""
     with app.app_context():
         with db.engine.begin() as conn:
-            conn.execute(text("TRUNCATE users, books RESTART IDENTITY CASCADE"))
+            conn.execute(text("TRUNCATE users, books, throttle_counters RESTART IDENTITY CASCADE"))
         db.engine.dispose()
 
 

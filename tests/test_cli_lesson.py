@@ -27,7 +27,8 @@ from service import devdb
 
 pytestmark = pytest.mark.stack
 
-APP_TABLES = {"users", "books", "alembic_version"}
+APP_TABLES = {"users", "books", "throttle_counters", "alembic_version"}
+HEAD = "0002"  # the newest migration (migrations/versions/)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,9 @@ def test_upgrade_seed_drop_upgrade(cli_env):
 
         first = ok(flask(cli_env, "db", "upgrade"))
         assert "Running upgrade  -> 0001" in first.stdout
+        assert f"Running upgrade 0001 -> {HEAD}" in first.stdout
         assert db.tables() == APP_TABLES
-        assert db.scalar("SELECT version_num FROM alembic_version") == "0001"
+        assert db.scalar("SELECT version_num FROM alembic_version") == HEAD
 
         second = ok(flask(cli_env, "db", "upgrade"))
         assert "Running upgrade" not in second.stdout  # nothing left to apply

@@ -36,6 +36,7 @@ ALERTS = {
     "FlaskapiWorkerRestarted",
     "FlaskapiNotReady",
     "FlaskapiTargetDown",
+    "FlaskapiFailedLoginSpike",
 }
 # What Grafana substitutes before a query reaches Prometheus, and what we substitute here. The
 # report renderer handles exactly these, so the dashboard may use no other variable in an expr.

@@ -1,4 +1,6 @@
-"""`/auth/register` and `/auth/login`: thin views over `queries` and `passwords`."""
+"""`/auth/register` and `/auth/login`: thin views over `queries`, `passwords` and `throttle`.
+
+The limits are asked first, before any argon2 work: a refused request costs one round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from flask import current_app, g
 from flask_jwt_extended import create_access_token
 from marshmallow import validate
 
-from service.auth import queries
+from service.auth import queries, throttle
 from service.errors import APIError
 from service.models import EMAIL_MAX
 from service.schemas import NormalisedEmail, text
@@ -48,11 +50,26 @@ def _passwords():
     return current_app.extensions["passwords"]
 
 
+# 429 in the one error shape, with Retry-After (details.reason: service/auth/throttle.py REASONS).
+TOO_MANY = {
+    "description": "Over a login or registration limit (docs/api.md); retry after Retry-After seconds",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPError"}}},
+    "headers": {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
 @bp.post("/register")
 @bp.input(Credentials, arg_name="body")
 @bp.output(UserOut, status_code=201)
-@bp.doc(summary="Register a user", responses={409: "Email already registered", 422: "Invalid input"})
+@bp.doc(summary="Register a user", responses={409: "Email already registered", 422: "Invalid input", 429: TOO_MANY})
 def register(body):
+    throttle.current().check_register()
     password_hash = _passwords().hash(body["password"])  # CPU first, holding no connection
     user = queries.create_user(email=body["email"], password_hash=password_hash)
     if user is None:
@@ -63,13 +80,16 @@ def register(body):
 @bp.post("/login")
 @bp.input(Credentials, arg_name="body")
 @bp.output(TokenOut)
-@bp.doc(summary="Log in and get a JWT", responses={401: "Wrong email or password"})
+@bp.doc(summary="Log in and get a JWT", responses={401: "Wrong email or password", 429: TOO_MANY})
 def login(body):
+    attempt = throttle.current().login_attempt(body["email"])  # refused: 429, the password never checked
     found = queries.credentials_for(email=body["email"])
     user_id, password_hash = found if found else (None, None)
     passwords = _passwords()
     if not passwords.verify(password_hash, body["password"]):
+        attempt.failed()
         raise APIError(401, "Wrong email or password", code="bad_credentials")
+    attempt.succeeded()
     g.user_id = str(user_id)  # for the access line
     if passwords.needs_rehash(password_hash):  # cost settings were raised since this hash
         queries.replace_password_hash(user_id=user_id, password_hash=passwords.hash(body["password"]))

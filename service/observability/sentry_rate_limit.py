@@ -1,8 +1,9 @@
 """Degraded-mode reports to Sentry, one per kind per minute and process.
 
 Under a load test a pool timeout can happen thousands of times, and one event says it all: the
-same degraded-mode message (pool exhausted, database down or slow) from one process is sent once
-a minute at most. Every other event, a worker death included, always goes out.
+same degraded-mode message (pool exhausted, database down or slow, throttle store failing) from
+one process is sent once a minute at most. Every other event, a worker death included, always
+goes out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 RATE_LIMIT_SECONDS = 60.0
-RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout"})
+RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout", "throttle_store_error"})
 _last_sent: dict[str, float] = {}
 _rate_lock = threading.Lock()
 
