@@ -53,28 +53,16 @@ def _end(response: Response) -> Response:
     response.headers[HEADER] = request_id
     duration_ms = round((time.perf_counter() - g.request_started) * 1000, 3)
     rule = request.url_rule
-    status = response.status_code
-    method, path = request.method, request.path
-    access_log.log(
-        logging.ERROR if status >= 500 else logging.INFO,
-        "%s %s %d %.1fms",
-        method,
-        path,
-        status,
-        duration_ms,
-        extra={
-            "event": "access",
-            # the request context, given here so the formatter need not look it up again
-            "request_id": request_id,
-            "method": method,
-            "path": path,
-            "remote_addr": request.remote_addr,
-            "route": rule.rule if rule is not None else None,
-            "status": status,
-            "duration_ms": duration_ms,
-            "user_id": _user_id(),
-            "response_bytes": response.calculate_content_length(),
-        },
+    _write_access_line(
+        method=request.method,
+        path=request.path,
+        status=response.status_code,
+        duration_ms=duration_ms,
+        request_id=request_id,
+        remote_addr=request.remote_addr,
+        route=rule.rule if rule is not None else None,
+        user_id=_user_id(),
+        size=response.calculate_content_length(),
     )
     return response
 
@@ -92,7 +80,24 @@ def log_answered_early(environ: dict, *, method: str, status: int, request_id: s
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     # PATH_INFO is latin-1 decoded bytes (PEP 3333); the other access lines show it as UTF-8
     path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace") or "/"
-    access_log.info(
+    _write_access_line(
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=duration_ms,
+        request_id=request_id,
+        remote_addr=environ.get("REMOTE_ADDR"),
+        route=None,
+        user_id=None,
+        size=size,
+    )
+
+
+def _write_access_line(*, method, path, status, duration_ms, request_id, remote_addr, route, user_id, size) -> None:
+    """The one access line format: ERROR for a 5xx, INFO otherwise; the request context is
+    given here so the formatter need not look it up again."""
+    access_log.log(
+        logging.ERROR if status >= 500 else logging.INFO,
         "%s %s %d %.1fms",
         method,
         path,
@@ -103,11 +108,11 @@ def log_answered_early(environ: dict, *, method: str, status: int, request_id: s
             "request_id": request_id,
             "method": method,
             "path": path,
-            "remote_addr": environ.get("REMOTE_ADDR"),
-            "route": None,
+            "remote_addr": remote_addr,
+            "route": route,
             "status": status,
             "duration_ms": duration_ms,
-            "user_id": None,
+            "user_id": user_id,
             "response_bytes": size,
         },
     )
