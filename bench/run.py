@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import requests
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import GUNICORN, Gunicorn
 from bench.harness.process import ManagedProcess
+from bench.harness.scrape import metric, scrape
 from bench.harness.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
@@ -262,6 +264,7 @@ def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
             workdir=workdir,
             tag="lesson",
         )
+        limiter = limiter_cost(scrape(stack.metrics_url))
     by_endpoint: dict[str, list[float]] = {}
     for _, name, ms, _ok in result["records"]:
         by_endpoint.setdefault(name, []).append(ms)
@@ -279,6 +282,36 @@ def lesson_at_scale(uri: str, workdir: Path, quick: bool) -> dict:
         "rps": result["rps"],
         "generator_cpu_pct": result["generator_cpu_pct"],
         "endpoints": endpoints,
+        "limiter": limiter,
+    }
+
+
+def limiter_cost(samples) -> dict:
+    """What the login and registration limits cost each request of the run, measured in the
+    service (flaskapi_throttle_store_seconds: statement plus connection checkout, under the
+    run's load): mean milliseconds per register and per login (check, plus undo on success)."""
+
+    def total(operation: str, suffix: str) -> float:
+        return metric(samples, f"flaskapi_throttle_store_seconds_{suffix}", operation=operation)
+
+    def p95_bound(operation: str) -> float | None:
+        """The upper bound of the bucket that holds the 95th percentile (ms)."""
+        buckets = sorted(
+            (float(labels["le"]), value)
+            for name, labels, value in samples
+            if name == "flaskapi_throttle_store_seconds_bucket" and labels.get("operation") == operation
+        )
+        count = buckets[-1][1] if buckets else 0
+        return next((1000 * le for le, below in buckets if below >= 0.95 * count), None) if count else None
+
+    registers, logins = total("register", "count"), total("login_check", "count")
+    login_seconds = total("login_check", "sum") + total("login_success", "sum")
+    return {
+        "registers": int(registers),
+        "logins": int(logins),
+        "register_ms": round(1000 * total("register", "sum") / registers, 2) if registers else None,
+        "login_ms": round(1000 * login_seconds / logins, 2) if logins else None,
+        "login_check_p95_ms_at_most": p95_bound("login_check"),
     }
 
 
@@ -432,6 +465,15 @@ def _lesson_rows(lesson: dict) -> list[tuple[str, str, str]]:
         )
     )
     rows.append(("1 load generator CPU", f"{lesson['generator_cpu_pct']} % of a core", ""))
+    limiter = lesson.get("limiter") or {}
+    if limiter.get("logins"):
+        rows.append(
+            (
+                "1 login limits, time in the store",
+                f"{limiter['login_ms']} ms a login, {limiter['register_ms']} ms a registration (mean)",
+                f"login check p95 <= {limiter['login_check_p95_ms_at_most']} ms; {limiter['logins']} logins",
+            )
+        )
     for name, e in lesson["endpoints"].items():
         limit = 300 if "/auth/" in name else 100
         rows.append(
@@ -546,6 +588,9 @@ def main() -> int:
         "--only", nargs="+", choices=SCENARIOS, default=SCENARIOS, help="run these scenarios only (default: all)"
     )
     args = parser.parse_args()
+    # A TERM (a timeout, a Ctrl-C in another terminal) unwinds like an exception, so every
+    # `with` of a scenario stops its gunicorn, locust and wrk instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     quick = args.quick
     workdir = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)

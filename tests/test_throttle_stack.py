@@ -117,6 +117,14 @@ def test_brute_force_on_one_account_from_one_address(stack):
     assert throttled(after, "account_delay") - throttled(before, "account_delay") == len(refused)
     assert metric(after, "flaskapi_login_failures_total") - metric(before, "flaskapi_login_failures_total") == 6
 
+    # Every login asked the store once (the five 401s, every 429, the poll's 401 and the
+    # owner's login); only the owner's success undid its count.
+    def statements(samples, operation):
+        return metric(samples, "flaskapi_throttle_store_seconds_count", operation=operation)
+
+    assert statements(after, "login_check") - statements(before, "login_check") == len(answers) + len(refused) + 1
+    assert statements(after, "login_success") - statements(before, "login_success") == 1
+
     lines = log_lines(stack)
     ids = {r.headers["X-Request-ID"] for r in refused}
     refusals = [line for line in lines if line.get("event") == "throttled" and line.get("request_id") in ids]
