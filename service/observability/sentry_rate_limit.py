@@ -13,7 +13,7 @@ Two kinds of report are limited, each key at most once per RATE_LIMIT_SECONDS pe
 
 The next event sent for a key carries `extra.sentry_suppressed`: how many were held back since
 the one before (none is lost from the logs: every event is also a log line, and unhandled
-exceptions are counted in flaskapi_unhandled_exceptions_total). Every other event, a worker death
+exceptions are counted in flaskapi_http_unhandled_exceptions_total). Every other event, a worker death
 or the crash route's report included, always goes out.
 """
 
