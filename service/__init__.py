@@ -38,6 +38,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_openapi(app)
     register_commands(app)
     register_wsgi_guards(app, settings)
+    register_security_headers(app)
     trust_proxies(app, settings)
     return app
 
@@ -162,6 +163,15 @@ def register_wsgi_guards(app: APIFlask, settings: Settings) -> None:
         max_content_length=settings.max_content_length,
         max_drain_bytes=settings.max_drain_bytes,
     )
+
+
+def register_security_headers(app: APIFlask) -> None:
+    """Around the WSGI guards, so their answers get them too: nosniff on every response,
+    no-store on every /auth/ response and every response to a request with a token
+    (service/security_headers.py)."""
+    from service.security_headers import SecurityHeaders
+
+    app.wsgi_app = SecurityHeaders(app.wsgi_app)
 
 
 def register_errorhandlers(app: APIFlask) -> None:

@@ -269,6 +269,10 @@ def test_unexpected_exception_is_500_without_leaking(make_app):
     assert "secret internals" not in raw
     assert "RuntimeError" not in raw
     assert "Traceback" not in raw
+    assert response.headers["X-Content-Type-Options"] == "nosniff"  # the 500 too
+    assert "Cache-Control" not in response.headers
+    with_token = app.test_client().get("/__boom", headers={"Authorization": "Bearer x"})
+    assert with_token.headers.getlist("Cache-Control") == ["no-store"]
 
 
 def test_unexpected_exception_in_post_writes_nothing(make_app):

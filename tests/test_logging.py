@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import unicodedata
 
 import pytest
 
@@ -25,7 +27,7 @@ def test_a_multiline_message_is_one_valid_json_line():
     line = JsonFormatter().format(_record('first\nsecond\n"quoted"\ttab'))
     assert "\n" not in line
     data = json.loads(line)
-    assert data["message"] == 'first\nsecond\n"quoted"\ttab'
+    assert data["message"] == 'first\\nsecond\\n"quoted"\\ttab'  # shown escaped, not as line breaks
     assert data.keys() >= REQUIRED
     assert data["level"] == "WARNING" and data["logger"] == "test.logger"
     assert data["timestamp"].endswith("+00:00")  # ISO-8601, UTC
@@ -35,15 +37,63 @@ def test_exceptions_are_structured():
     try:
         raise ValueError("bad value\nsecond line")
     except ValueError:
-        import sys
-
         line = JsonFormatter().format(_record("failed", exc_info=sys.exc_info()))
     assert "\n" not in line
     exc = json.loads(line)["exc_info"]
     assert exc["type"] == "ValueError"
-    assert exc["message"] == "bad value\nsecond line"
+    assert exc["message"] == "bad value\\nsecond line"
     assert exc["frames"][-1]["function"] == "test_exceptions_are_structured"
     assert "Traceback" in exc["traceback"]
+
+
+# What a reader's terminal or `jq -r` must never be handed raw: C0 and C1 controls, DEL, the
+# line and paragraph separators, and the bidirectional controls (Trojan Source).
+BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+HOSTILE = "x\nINJECTED\r\x1b[31m\x07\x00\t\x7f\x85\x9b\u2028\u2029\u202e\u2066\u200f"
+HOSTILE_SHOWN = r"x\nINJECTED\r\x1b[31m\x07\x00\t\x7f\x85\x9b\u2028\u2029\u202e\u2066\u200f"
+
+
+def unsafe_characters(value) -> list[str]:
+    """Every unsafe character in the strings (keys too) of parsed JSON."""
+    if isinstance(value, dict):
+        return [c for k, v in value.items() for c in unsafe_characters(k) + unsafe_characters(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in unsafe_characters(v)]
+    if isinstance(value, str):
+        return [c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI]
+    return []
+
+
+def test_control_characters_are_shown_escaped_in_every_field():
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque" + HOSTILE
+
+    try:
+        raise ValueError("bad" + HOSTILE)
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = _record(
+        "GET %s 404",
+        "/books/" + HOSTILE,
+        exc_info=exc_info,
+        path="/books/" + HOSTILE,
+        details={"user_agent": HOSTILE, HOSTILE: [HOSTILE, 1, None]},
+        thing=Opaque(),
+    )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\u2028" not in line
+    data = json.loads(line)
+    assert unsafe_characters(data) == []
+    assert data["message"] == f"GET /books/{HOSTILE_SHOWN} 404"
+    assert data["path"] == "/books/" + HOSTILE_SHOWN
+    assert data["details"] == {"user_agent": HOSTILE_SHOWN, HOSTILE_SHOWN: [HOSTILE_SHOWN, 1, None]}
+    assert data["thing"] == "opaque" + HOSTILE_SHOWN
+    assert data["exc_info"]["message"] == "bad" + HOSTILE_SHOWN
+    assert "Traceback" in data["exc_info"]["traceback"]
+    # what is not a control character is left alone: text, quotes, backslashes, emoji with joiners
+    plain = 'Dune \u00e9t\u00e9 "quoted" back\\slash \U0001f469\u200d\U0001f4bb'
+    assert json.loads(JsonFormatter().format(_record(plain)))["message"] == plain
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,35 @@
 It serves every worker's multiprocess samples merged, plus what only the master knows: worker
 exits and restarts, each live worker's memory and CPU (multiprocess mode has no process
 collector), build info, and whether the database answers.
+
+Served by prometheus_client's WSGI app on the stdlib's wsgiref server, as its
+`start_http_server` does, but with a request handler that names itself `Server:
+flaskapi-metrics` (wsgiref says `WSGIServer/0.2 CPython/3.11.7`: the exact Python on the host) and
+the response headers every answer of the service carries (security_headers.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections import Counter as Tally
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, make_server
 
 import psutil
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from service.observability.worker_exits import STOPPED
+from service.security_headers import SecurityHeaders
 
 log = logging.getLogger("service.workers")
+
+SERVER = "flaskapi-metrics"  # the `Server` header: no software name or version
 
 
 class MasterMetrics(Collector):
@@ -81,9 +93,52 @@ def start(server, *, bind: str, version: str):
     MultiProcessCollector(registry)
     collector = MasterMetrics(server, version=version, database_probe=database_probe(server))
     registry.register(collector)
-    httpd, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    httpd = serve(SecurityHeaders(make_wsgi_app(registry)), host or "127.0.0.1", int(port))
     log.info("metrics for all workers on http://%s/metrics", bind, extra={"event": "metrics_listening"})
     return collector, httpd
+
+
+class _Response(ServerHandler):
+    server_software = SERVER  # what wsgiref sends as `Server` with every answer of the app
+
+
+class _Handler(WSGIRequestHandler):
+    """wsgiref's request handler without the version in `Server` (the app's answers and the
+    handler's own errors: a bad request line, 414) and without a log line per scrape."""
+
+    server_version = SERVER
+
+    def version_string(self) -> str:
+        return SERVER
+
+    def log_message(self, format, *args) -> None:
+        """No line per scrape (prometheus_client's handler is silent too)."""
+
+    def handle(self) -> None:
+        """As WSGIRequestHandler.handle, with _Response in place of wsgiref's ServerHandler."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # the error was sent
+            return
+        handler = _Response(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+
+def serve(app, host: str, port: int):
+    """`app` on host:port (IPv4 or IPv6, as the address says) from a daemon thread, one thread
+    per request; returns the server (`shutdown()` stops it)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(sockaddr[0], port, app, Server, handler_class=_Handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
 
 
 def worker_gone(pid: int) -> None:

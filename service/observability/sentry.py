@@ -16,10 +16,16 @@ log line and the Sentry event are the same fact with the same request id. The ac
 gunicorn's own error log are left out: the first would double every 5xx, and worker deaths are
 reported by the master with structured tags instead (worker_exits.py).
 
-Nothing secret leaves the process: `scrub` runs on every event and drops cookies, auth headers,
-auth-route bodies, and any value under a sensitive key or that looks like a token (the rules are
-logging_conf/redaction.py, shared with the log lines). `before_send` then drops repeated
-degraded-mode reports (sentry_rate_limit.py).
+Nothing secret leaves the process: `scrub` runs on every event and transaction, in both modes,
+and is the one place that decides what of the request goes out. Headers by allowlist
+(ALLOWED_HEADERS): any other header keeps its name, its value becomes "[Filtered]", so a new
+credential header (X-Auth, X-Api-Key, a proxy's) is masked without anyone listing it. Every
+query-string value is masked, keys kept (`apikey=[Filtered]&sig=[Filtered]`), in `query_string`
+and in `url` alike. Cookies, the WSGI environ beyond server name and port, auth-route bodies go;
+then any value under a sensitive key or that looks like a token (logging_conf/redaction.py,
+shared with the log lines). `before_send` then holds back repeats (sentry_rate_limit.py): a
+degraded-mode report or the same exception at the same place and route, once a minute per
+process.
 """
 
 from __future__ import annotations
@@ -33,11 +39,31 @@ from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
-from logging_conf.redaction import scrub_value
+from logging_conf.redaction import FILTERED, scrub_value
 from service.observability import sentry_rate_limit
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Request headers whose values go to Sentry; every other one is masked. What they tell about a
+# failed request (who called, with what body, through which proxy scheme, which request) and
+# none can hold a credential. Left out on purpose: X-Forwarded-For and X-Real-IP (the client's
+# address, personal data; user_info is off for the same reason), Referer (a URL, with whatever
+# its query carried), Origin, Forwarded, and anything custom.
+ALLOWED_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "content-length",
+        "content-type",
+        "host",
+        "transfer-encoding",
+        "user-agent",
+        "x-forwarded-proto",
+        "x-request-id",
+    }
+)
+ALLOWED_ENV = frozenset({"SERVER_NAME", "SERVER_PORT"})  # the SDK's request `env`
 
 _request_context_registered = False  # per process; a forked worker inherits it with the scope
 
@@ -95,7 +121,8 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     attach, read when an event is captured (registered once per process, by `init`).
 
     Events are captured on the thread serving the request, so `request` is that request.
-    Headers go out as sent; `scrub` filters the sensitive ones. Bodies are never attached.
+    Headers and query are copied as sent: `scrub`, which runs after, decides what of them leaves
+    (the same for the Flask integration's copy). Bodies are never attached.
     """
     if not has_request_context():
         return event
@@ -132,17 +159,42 @@ def flush(timeout: float = 2.0) -> None:
 
 
 def before_send(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Every error event: scrubbed, then dropped if it repeats a degraded-mode report."""
-    event = scrub(event, hint)
-    return None if sentry_rate_limit.rate_limited(event) else event
+    """Every error event: scrubbed, then held back if it repeats one sent within the minute."""
+    return sentry_rate_limit.admit(scrub(event, hint))
 
 
 def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`event` without cookies, auth-route bodies, values under sensitive keys or token-like text."""
+    """`event` with the request reduced to what may leave (module doc), then without values
+    under sensitive keys or token-like text anywhere."""
     request = event.get("request")
     if isinstance(request, dict):
         request.pop("cookies", None)
-        url = str(request.get("url", ""))
-        if "/auth/" in url:
+        headers = request.get("headers")
+        if isinstance(headers, dict):
+            request["headers"] = {
+                name: value if str(name).lower() in ALLOWED_HEADERS else FILTERED for name, value in headers.items()
+            }
+        env = request.get("env")
+        if isinstance(env, dict):
+            request["env"] = {key: value for key, value in env.items() if key in ALLOWED_ENV}
+        query = request.get("query_string")
+        if query:
+            request["query_string"] = mask_query(query if isinstance(query, str) else str(query))
+        url = request.get("url")
+        if isinstance(url, str) and "?" in url:
+            base, _, query = url.partition("?")
+            request["url"] = f"{base}?{mask_query(query)}"
+        if "/auth/" in str(request.get("url", "")):
             request.pop("data", None)  # credentials live in auth bodies
     return scrub_value(event)  # sensitive header names are keys too: Authorization, Cookie
+
+
+def mask_query(query: str) -> str:
+    """Every value of a query string replaced by FILTERED, the keys kept: `a=1&b` becomes
+    `a=[Filtered]&[Filtered]` (a part without `=` may itself be the secret)."""
+    parts = []
+    for part in query.split("&"):
+        if part:
+            key, equals, _ = part.partition("=")
+            parts.append(f"{key}={FILTERED}" if equals else FILTERED)
+    return "&".join(parts)
