@@ -411,6 +411,7 @@ def test_parser_refusals_straight_at_gunicorn_are_its_html(edge, name):
         [(answered, headers, body)] = read_answers(sock, 1)
     assert answered == status, body
     assert headers["Content-Type"].startswith("text/html") and b"<html>" in body.lower()
+    assert headers["Connection"] == "close"
     assert "X-Request-ID" not in headers  # the app never saw it
 
 
