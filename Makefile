@@ -23,19 +23,17 @@ db-seed: install ## add demo users and books
 
 METRICS_DIR ?= .data/metrics
 
-run: db-upgrade ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METRICS_BIND:-127.0.0.1:9200}
-	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
-	PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/gunicorn -c deploy/gunicorn.conf.py
+# One instance per metrics directory: a second start stops with one line before touching
+# anything; then migrations, an empty metrics directory, gunicorn (bench/serve.py).
+run: install ## serve the API on $${BIND:-127.0.0.1:5000}, metrics on $${METRICS_BIND:-127.0.0.1:9200}
+	@PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/python -m bench.serve
 
 EDGE_BIND ?= 127.0.0.1:8080
 
 run-edge: install ## as `make run`, with nginx (deploy/nginx/flaskapi.conf) in front on $${EDGE_BIND:-127.0.0.1:8080}
-	@$(BIN)/python -m bench.edge --check
-	$(BIN)/python -m flask db upgrade
-	rm -rf $(METRICS_DIR) && mkdir -p $(METRICS_DIR)
-	EDGE_BIND=$(EDGE_BIND) PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/python -m bench.edge
+	@EDGE_BIND=$(EDGE_BIND) PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/python -m bench.edge
 
-system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk)
+system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk, chromium-headless-shell)
 	bash .ci/system-deps.sh
 
 lint: install ## ruff: the rules in pyproject.toml, and the formatting (`ruff format .` fixes it)

@@ -6,7 +6,10 @@ bench/harness/nginx.py: its config, pid, logs and temporary files under $DATA_DI
 then gunicorn, each by PID with a timeout and SIGKILL after it: nothing is left running. If
 either exits, the other is stopped too.
 
-The Makefile runs the migrations and empties the metrics directory first, as for `make run`:
+It starts as `make run` does (bench/serve.py): the metrics directory's lock first (a second
+`make run` or `make run-edge` on it stops with one line, before touching anything), free
+BIND, METRICS_BIND and EDGE_BIND, the migrations, an empty metrics directory; gunicorn inherits
+the lock, so it lasts as long as either process that could write there:
 
     python -m bench.edge --check     one line and exit status 1 when nginx is not installed
     python -m bench.edge             serve (NGINX: the nginx binary, default found on PATH)
@@ -25,6 +28,7 @@ from bench.harness.environment import ROOT
 from bench.harness.gunicorn import CONFIG, GUNICORN
 from bench.harness.nginx import Nginx, nginx_binary
 from bench.harness.process import ManagedProcess
+from bench.serve import start
 
 MISSING = "make run-edge needs nginx, which is not installed: apt-get install nginx (Debian/Ubuntu)"
 
@@ -50,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     bind = os.environ.get("BIND") or "127.0.0.1:5000"
     edge_bind = os.environ.get("EDGE_BIND") or "127.0.0.1:8080"
     edge_dir = Path(os.environ.get("DATA_DIR") or ROOT / ".data") / "edge"
+    lock, _metrics_dir = start("run-edge", EDGE_BIND=edge_bind)
     # Behind nginx the client's address comes from X-Forwarded-For (one hop), as in production.
     env = {**os.environ, "BIND": bind, "TRUSTED_PROXIES": os.environ.get("TRUSTED_PROXIES") or "1"}
     gunicorn = ManagedProcess(
-        [GUNICORN, "-c", CONFIG], env=env, log_path=None, name="gunicorn", ready_url=f"http://{bind}/healthz"
+        [GUNICORN, "-c", CONFIG],
+        env=env,
+        log_path=None,
+        name="gunicorn",
+        ready_url=f"http://{bind}/healthz",
+        pass_fds=(lock,),
     )
     nginx = Nginx(edge_dir, upstream=bind, listen=edge_bind)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -24,7 +24,12 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     except SettingsError as exc:
         raise SystemExit(f"flaskapi-observability: configuration error: {exc}") from None
     app = APIFlask(
-        __name__, title="flaskapi-observability", version=settings.version, spec_path="/openapi.json", docs_path="/docs"
+        __name__,
+        title="flaskapi-observability",
+        version=settings.version,
+        spec_path="/openapi.json",
+        docs_path="/docs",
+        enable_openapi=settings.docs_enabled,  # off in production unless DOCS_ENABLED (service/docs.py)
     )
     configure_logging(settings)
     configure(app, settings)
@@ -36,6 +41,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_request_guards(app)
     register_errorhandlers(app)
     register_openapi(app)
+    register_docs(app, settings)
     register_commands(app)
     register_wsgi_guards(app, settings)
     register_security_headers(app)
@@ -129,15 +135,12 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
 
         app.add_url_rule("/auth/crash", "auth_crash", crash, methods=["GET"])
 
+    documented = {"docs": "/docs", "openapi": "/openapi.json"} if settings.docs_enabled else {}
+
     @app.get("/")
     @app.doc(summary="Service index")
     def index():
-        return {
-            "service": "flaskapi-observability",
-            "version": settings.version,
-            "docs": "/docs",
-            "openapi": "/openapi.json",
-        }
+        return {"service": "flaskapi-observability", "version": settings.version, **documented}
 
 
 def register_request_guards(app: APIFlask) -> None:
@@ -186,6 +189,14 @@ def register_openapi(app: APIFlask) -> None:
     from service.openapi import register_spec_processor
 
     register_spec_processor(app, max_id=MAX_ID)
+
+
+def register_docs(app: APIFlask, settings: Settings) -> None:
+    """/docs with Swagger UI's files served from the pinned package, never a CDN, and the
+    document's `servers` from PUBLIC_URL, never from a request's Host (service/docs.py)."""
+    from service import docs
+
+    docs.init_app(app, settings)
 
 
 def register_commands(app: APIFlask) -> None:

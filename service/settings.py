@@ -136,6 +136,8 @@ class Settings:
     throttle_account_delay_max: int
     throttle_account_reset: int
     throttle_store_timeout_ms: int
+    docs_enabled: bool
+    public_url: str | None  # None: the OpenAPI document names no server
 
     @property
     def is_production(self) -> bool:
@@ -246,6 +248,10 @@ class Settings:
             throttle_account_delay_max=_int(env, "THROTTLE_ACCOUNT_DELAY_MAX_SECONDS", 900, minimum=1),
             throttle_account_reset=_int(env, "THROTTLE_ACCOUNT_RESET_SECONDS", 86400, minimum=1),
             throttle_store_timeout_ms=_int(env, "THROTTLE_STORE_TIMEOUT_MS", 250, minimum=1),
+            # /docs and /openapi.json: a map of the API for anyone who asks, so off in production
+            # unless asked for.
+            docs_enabled=_bool(env, "DOCS_ENABLED", not production),
+            public_url=_public_url(env, "PUBLIC_URL"),
         )
         if settings.throttle_account_delay_max < settings.throttle_account_delay:
             raise SettingsError(
@@ -259,6 +265,36 @@ class Settings:
                 f"{settings.throttle_account_delay_max}"
             )
         return settings
+
+
+def _public_url(env: Mapping[str, str], name: str) -> str | None:
+    """An absolute http(s) URL with a host and nothing after the path (no credentials, query or
+    fragment), without its trailing slash; None when unset."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if (
+        parts is None
+        or not port_ok
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() for c in raw)
+    ):
+        raise SettingsError(
+            f"{name} must be an absolute http(s) URL without credentials, query or fragment "
+            f"(e.g. https://api.example.com), got {raw!r}"
+        )
+    return raw.rstrip("/")
 
 
 def _development_secret(data_dir: Path) -> str:

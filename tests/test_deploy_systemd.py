@@ -132,7 +132,9 @@ def test_app_unit_has_what_the_deployment_relies_on():
     assert re.search(
         r'ROOT\s*/\s*"deploy"\s*/\s*"gunicorn.conf.py"', (ROOT / "bench" / "harness" / "gunicorn.py").read_text()
     )
-    assert "deploy/gunicorn.conf.py" in (ROOT / "Makefile").read_text()
+    # `make run` execs gunicorn with the harness's CONFIG (bench/serve.py).
+    assert "-m bench.serve" in (ROOT / "Makefile").read_text()
+    assert "from bench.harness.gunicorn import CONFIG, GUNICORN" in (ROOT / "bench" / "serve.py").read_text()
 
     env = unit_environment(unit)
     metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]

@@ -193,6 +193,7 @@ def nginx_error(status: int, headers, body: bytes, *, expected: int, code: str, 
     the client's when nginx had read it, else nginx's own (32 hex characters)."""
     assert status == expected, body
     assert headers["Content-Type"] == "application/json"
+    assert b"<html" not in body.lower(), body
     error = json.loads(body)["error"]
     assert set(error) == {"status", "code", "message", "details", "request_id"}
     assert error["status"] == expected and error["code"] == code and error["details"] == {}
@@ -366,6 +367,52 @@ ERRORS = {
 def test_nginx_answers_its_own_errors_in_json(edge, name):
     request, status, code, request_id = ERRORS[name]
     nginx_error(*exchange(edge.nginx, request), expected=status, code=code, request_id=request_id)
+
+
+# What a client sends that gunicorn's own parser refuses before the app: through the edge, nginx
+# answers first, in JSON; straight at gunicorn, gunicorn's HTML (docs/deployment.md, the edge).
+PARSER_REFUSALS = ["431 9 KB header", "414 5,000-character URL", "400 lowercase method"]
+
+
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, object, bytes]]:
+    """`count` responses read in order from one connection (status, headers, body)."""
+    answers = []
+    for _ in range(count):
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        answers.append((response.status, response.headers, response.read()))
+    return answers
+
+
+@pytest.mark.parametrize("name", PARSER_REFUSALS)
+def test_parser_refusals_on_a_reused_connection_are_json_too(edge, name):
+    """After a first request served on a keep-alive connection (nginx then reads the next request
+    into other buffers), the second is the one too large or malformed: the same JSON, then a close."""
+    request, status, code, request_id = ERRORS[name]
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: reused-1\r\n\r\n"
+    with socket.create_connection((edge.nginx.host, edge.nginx.port), timeout=30) as sock:
+        sock.sendall(first)
+        [(served, headers, _body)] = read_answers(sock, 1)
+        assert served == 200 and headers["X-Request-ID"] == "reused-1"
+        sock.sendall(request)
+        [(refused, headers, body)] = read_answers(sock, 1)
+        nginx_error(refused, headers, body, expected=status, code=code, request_id=request_id)
+        assert headers["Connection"] == "close"
+        assert sock.recv(1) == b""  # and nginx closed it
+
+
+@pytest.mark.parametrize("name", PARSER_REFUSALS)
+def test_parser_refusals_straight_at_gunicorn_are_its_html(edge, name):
+    """The direct path, written down so the docs stay true: gunicorn answers these itself, in
+    HTML, before any code of the service runs, so only nginx can give them the JSON shape."""
+    request, status, _, _ = ERRORS[name]
+    with socket.create_connection(("127.0.0.1", edge.gunicorn.port), timeout=30) as sock:
+        sock.sendall(request)
+        [(answered, headers, body)] = read_answers(sock, 1)
+    assert answered == status, body
+    assert headers["Content-Type"].startswith("text/html") and b"<html>" in body.lower()
+    assert headers["Connection"] == "close"
+    assert "X-Request-ID" not in headers  # the app never saw it
 
 
 def test_the_largest_request_nginx_passes_is_answered_by_the_app_in_json(edge):

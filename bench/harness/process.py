@@ -33,8 +33,9 @@ class ManagedProcess:
 
     `env` is the whole environment (None: ours); the process starts in `cwd`, the repo root
     unless told otherwise. `log_path=None` leaves its output on our stdout and stderr (a launcher
-    in a terminal, such as `make run-edge`); `output()` is then empty. A context manager: started
-    on entry, stopped on exit.
+    in a terminal, such as `make run-edge`); `output()` is then empty. `pass_fds`: descriptors
+    it inherits (every other one is closed in it). A context manager: started on entry, stopped
+    on exit.
     """
 
     name = "process"
@@ -53,8 +54,10 @@ class ManagedProcess:
         ready_url: str | None = None,
         name: str | None = None,
         kill_mode: str | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.argv = [str(arg) for arg in argv]
+        self.pass_fds = tuple(pass_fds)
         self.log_path = None if log_path is None else Path(log_path)
         self.env = env
         self.cwd = cwd
@@ -72,11 +75,19 @@ class ManagedProcess:
         if self.process is not None:
             raise RuntimeError(f"{self.name} was started already")
         if self.log_path is None:
-            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, start_new_session=True, pass_fds=self.pass_fds
+            )
         else:
             with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
                 self.process = subprocess.Popen(
-                    self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    self.argv,
+                    cwd=self.cwd,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=self.pass_fds,
                 )
         if self.ready_url is not None:
             self.wait_ready(self.ready_url, timeout)
