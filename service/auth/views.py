@@ -13,7 +13,7 @@ from marshmallow import validate
 from service.auth import queries, throttle
 from service.errors import APIError
 from service.models import EMAIL_MAX
-from service.schemas import NormalisedEmail, text
+from service.schemas import NormalisedEmail, secret
 
 bp = APIBlueprint("auth", __name__, url_prefix="/auth", tag="Auth")
 
@@ -25,7 +25,7 @@ class Credentials(Schema):
     email = NormalisedEmail(
         required=True, validate=validate.Length(max=EMAIL_MAX), metadata={"example": "reader@example.com"}
     )
-    password = text(
+    password = secret(
         min_length=PASSWORD_MIN,
         max_length=PASSWORD_MAX,
         required=True,
