@@ -10,9 +10,11 @@ import sys
 import unicodedata
 
 import pytest
+from flask_migrate import upgrade
 from marshmallow import ValidationError
 from sqlalchemy import text
 
+from service import devdb
 from service.extensions import db
 from service.schemas import REFUSED_RANGES, TEXT_PATTERN, check_text
 from tests.test_errors import assert_error, counts
@@ -224,3 +226,47 @@ def test_the_refused_ranges_are_every_control_and_format_character_of_this_pytho
     }
     assert sorted(f"U+{c:04X}" for c in wanted - listed) == [], f"Unicode {unicodedata.unidata_version}"
     assert [f"U+{c:04X}" for c in sorted(listed - wanted) if unicodedata.category(chr(c)) != "Cn"] == []
+
+
+# --- stored emails ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def legacy_database(postgres):
+    name = "test_email_normal_form"
+    postgres.psql(f'DROP DATABASE IF EXISTS "{name}";')
+    return devdb.create_database(postgres, name)
+
+
+def test_the_migration_rewrites_stored_emails_to_their_normal_form(make_app, legacy_database, caplog):
+    """Emails stored by the lower-casing rule (migration 0002's schema) still log in."""
+    app = make_app(DB_URI=legacy_database)
+    stored = [  # as strip().lower() stored them
+        "reader@example.com",
+        "straße@example.com",
+        "\uff41@example.com",
+        "strasse@other.com",
+        "straße@other.com",  # its normal form is the account above's: kept as it is
+    ]
+    with app.app_context():
+        upgrade(revision="0002")
+        password_hash = app.extensions["passwords"].hash("secret")
+        with db.engine.begin() as conn:
+            for email in stored:
+                conn.execute(
+                    text("INSERT INTO users (email, password_hash) VALUES (:e, :h)"), {"e": email, "h": password_hash}
+                )
+        with caplog.at_level("WARNING", logger="alembic.runtime.migration"):
+            upgrade()
+        db.engine.dispose()
+    assert emails(app) == [
+        "reader@example.com",
+        "strasse@example.com",
+        "a@example.com",
+        "strasse@other.com",
+        "straße@other.com",
+    ]
+    assert "users.id 5 keeps its email" in caplog.text and "straße" not in caplog.text
+    client = app.test_client()
+    for email in ("STRASSE@example.com", "straße@example.com", "A@example.com", "\uff41@EXAMPLE.com"):
+        assert client.post("/auth/login", json={"email": email, "password": "secret"}).status_code == 200, email

@@ -85,7 +85,7 @@ def stack_db(postgres, stack_dir) -> str:
     engine = create_engine(uri)
     try:
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     finally:
         engine.dispose()
     return uri
