@@ -38,6 +38,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_throttle(app, settings)
     register_observability(app, settings)
     register_blueprints(app, settings)
+    register_json(app)
     register_request_guards(app)
     register_errorhandlers(app)
     register_openapi(app)
@@ -141,6 +142,14 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
     @app.doc(summary="Service index")
     def index():
         return {"service": "flaskapi-observability", "version": settings.version, **documented}
+
+
+def register_json(app: APIFlask) -> None:
+    """Request bodies are read as standard JSON only: a duplicate key, NaN or Infinity is
+    refused (400 from the request guards), so no two readers of a body disagree on it."""
+    from service.strict_json import StrictJSONProvider
+
+    app.json = StrictJSONProvider(app)
 
 
 def register_request_guards(app: APIFlask) -> None:

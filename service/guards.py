@@ -28,6 +28,7 @@ from flask import Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import Map
 
+from service import strict_json
 from service.errors import error_body, error_response
 from service.observability import request_log
 
@@ -217,7 +218,9 @@ def refuse_unread_body() -> Response | None:
 
 
 def require_json_body() -> Response | None:
-    """Refuse bodies that are not JSON before any view runs, so nothing half-parsed is written."""
+    """Refuse bodies that are not JSON before any view runs, so nothing half-parsed is written.
+    Every body route passes here first, so webargs (which parses the same bytes again with the
+    standard decoder for @input) only ever reads a body the strict decoder accepted."""
     if request.method not in BODY_METHODS or request.url_rule is None:
         return None
     if request.mimetype != "application/json":
@@ -225,9 +228,12 @@ def require_json_body() -> Response | None:
             415, "Content-Type must be application/json", details={"content_type": request.mimetype or None}
         )
     try:
-        request.get_json()
+        request.get_json()  # the app's strict decoder (service/strict_json.py); Flask caches the result
     except Exception as exc:  # werkzeug's BadRequest for undecodable JSON, or 413 for huge bodies
         if getattr(exc, "code", None) == 413:
             raise
+        refused = strict_json.refusal(exc)  # a duplicate key, NaN or Infinity
+        if refused is not None:
+            return error_response(400, refused.message, details=refused.details)
         return error_response(400, "Request body is not valid JSON")
     return None

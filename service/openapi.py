@@ -11,7 +11,7 @@ from __future__ import annotations
 from apiflask import APIFlask
 
 BODY_ERRORS = {
-    "400": "Request body is not valid JSON",
+    "400": "Request body is not valid JSON (also: a duplicate key, NaN or Infinity)",
     "413": "Request body is larger than MAX_CONTENT_LENGTH",
     "415": "Content-Type is not application/json",
 }

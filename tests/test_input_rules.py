@@ -5,6 +5,7 @@ test_hostile_input_stack.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import unicodedata
@@ -226,6 +227,50 @@ def test_the_refused_ranges_are_every_control_and_format_character_of_this_pytho
     }
     assert sorted(f"U+{c:04X}" for c in wanted - listed) == [], f"Unicode {unicodedata.unidata_version}"
     assert [f"U+{c:04X}" for c in sorted(listed - wanted) if unicodedata.category(chr(c)) != "Cn"] == []
+
+
+# --- duplicate keys -----------------------------------------------------------------------------
+
+DUPLICATES = {
+    "top level": '{"title": "first", "title": "second"}',
+    "nested object": '{"title": "ok", "author": {"a": 1, "a": 2}}',
+    "object in an array": '{"title": "ok", "author": [{"x": 1}, {"y": 1, "y": 1}]}',
+    "same key after escapes": '{"title": "first", "\\u0074itle": "second"}',
+}
+
+
+@pytest.mark.parametrize("raw", list(DUPLICATES.values()), ids=list(DUPLICATES))
+def test_a_duplicate_key_is_400_and_writes_nothing(app, client, owner, raw):
+    error = assert_error(post_raw(client, "/books/", raw, owner), 400, "bad_request")
+    assert "duplicate" in error["message"].lower()
+    assert error["details"]["json"]["duplicate_key"] in {"title", "a", "y"}
+    assert counts(app)[1] == 0
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_a_duplicate_key_in_an_update_is_400_and_the_row_unchanged(app, client, owner, book, method):
+    before = book_rows(app)
+    raw = '{"title": "first", "title": "second"}'
+    assert_error(post_raw(client, f"/books/{book['id']}", raw, owner, method=method), 400, "bad_request")
+    assert book_rows(app) == before
+
+
+def test_a_duplicate_key_in_credentials_is_400(app, client):
+    raw = '{"email": "a@example.com", "password": "secret", "email": "b@example.com"}'
+    for path in ("/auth/register", "/auth/login"):
+        assert_error(post_raw(client, path, raw), 400, "bad_request")
+    assert emails(app) == []
+
+
+@pytest.mark.parametrize("raw", ['{"title": NaN}', '{"title": "ok", "author": Infinity}', '{"title": -Infinity}'])
+def test_non_json_constants_are_400(app, client, owner, raw):
+    assert_error(post_raw(client, "/books/", raw, owner), 400, "bad_request")
+    assert counts(app)[1] == 0
+
+
+def test_the_strict_decoder_still_reads_ordinary_json(client, owner):
+    raw = json.dumps({"title": "Dune", "author": None})
+    assert post_raw(client, "/books/", raw, owner).status_code == 201
 
 
 # --- stored emails ------------------------------------------------------------------------------
