@@ -1,4 +1,4 @@
-"""Field types shared by the request schemas: the rules for every string a client
+"""Field types shared by the request schemas: the rules for every string and integer a client
 can send (docs/api.md, "Input rules").
 
 Text (titles, authors, emails) is one visible line of Unicode: no control characters (all of
@@ -12,6 +12,10 @@ scripts that write U+200C (Persian, some Indic spellings) are refused too.
 
 Passwords are opaque: anything storable (no NUL, no lone surrogates), never normalised, so
 every existing hash still verifies.
+
+Integers in paths and queries have one spelling, canonical ASCII decimal: `int()` and
+Werkzeug's `int` converter also read Arabic-Indic and full-width digits (U+0661, U+FF11),
+"0001", " 5", "+5" and "1_0" (and marshmallow reads "5.0"), so one row had many URLs.
 """
 
 from __future__ import annotations
@@ -173,3 +177,38 @@ class NormalisedEmail(fields.Email):
             check_text(value)
             value = normalise_email(value)
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+# --- integers -----------------------------------------------------------------------------------
+
+CANONICAL_INT = "[1-9][0-9]*"  # positive, ASCII digits, no sign, spaces or leading zeros
+_CANONICAL_INT = re.compile(CANONICAL_INT)
+
+
+def canonical_int(value: str, maximum: int) -> int | None:
+    """`value` as a positive integer up to `maximum` if it is written canonically, else None.
+    The length is checked before int() reads it (no 4,300-digit ValueError, no quadratic cost)."""
+    if len(value) > len(str(maximum)) or not _CANONICAL_INT.fullmatch(value):
+        return None
+    number = int(value)
+    return number if number <= maximum else None
+
+
+class CanonicalInt(fields.Integer):
+    """A positive integer in a query string, 1..maximum, spelt only as canonical_int reads it
+    (documented as an OpenAPI integer with its minimum and maximum)."""
+
+    def __init__(self, *, maximum: int, **kwargs) -> None:
+        self.maximum = maximum
+        super().__init__(validate=validate.Range(min=1, max=maximum), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("Must be a whole number.")
+        number = canonical_int(value, self.maximum)
+        if number is None:
+            raise ValidationError(
+                f"Must be a whole number from 1 to {self.maximum} in ASCII digits, "
+                "without sign, spaces or leading zeros."
+            )
+        return number

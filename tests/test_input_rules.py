@@ -273,6 +273,65 @@ def test_the_strict_decoder_still_reads_ordinary_json(client, owner):
     assert post_raw(client, "/books/", raw, owner).status_code == 201
 
 
+# --- integers in paths and queries --------------------------------------------------------------
+
+NOT_CANONICAL = {
+    "arabic-indic one": "%D9%A1",
+    "full-width one": "%EF%BC%91",
+    "leading zeros": "0001",
+    "leading zero": "01",
+    "plus sign": "%2B1",
+    "leading space": "%201",
+    "trailing space": "1%20",
+    "exponent": "1e0",
+    "hex": "0x1",
+    "decimal point": "1.0",
+    "underscore": "1_0",
+    "zero": "0",
+    "negative": "-1",
+    "superscript one": "%C2%B9",
+}
+
+
+@pytest.mark.parametrize("book_id", list(NOT_CANONICAL.values()), ids=list(NOT_CANONICAL))
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
+def test_a_book_id_is_canonical_ascii_or_404(app, client, owner, book, method, book_id):
+    before = book_rows(app)
+    response = client.open(f"/books/{book_id}", method=method, json={"title": "changed"}, headers=owner)
+    assert_error(response, 404, "not_found")
+    assert book_rows(app) == before
+
+
+def test_the_canonical_id_still_finds_the_book(client, book):
+    assert client.get("/books/1").status_code == 200
+    assert client.get("/books/%31").status_code == 200  # the same URL: %31 is "1" itself
+
+
+QUERY_NOT_CANONICAL = [
+    *("%D9%A5", "%EF%BC%95", "%C2%B9"),  # Arabic-Indic, full-width, superscript digits
+    *("%205", "+5", "%2B5", "5%20", "5+"),  # spaces and signs ("+" is a space in a query)
+    *("1e1", "0x10", "5.0", "5_0", "05", "007", "-0"),
+]
+
+
+@pytest.mark.parametrize("value", QUERY_NOT_CANONICAL)
+@pytest.mark.parametrize("name", ["limit", "cursor"])
+def test_a_query_integer_is_canonical_ascii_or_422(client, book, name, value):
+    error = assert_error(client.get(f"/books/?{name}={value}"), 422, "validation_error")
+    assert list(error["details"]["query"]) == [name]
+
+
+def test_canonical_query_integers_still_work(client, owner):
+    for i in range(3):
+        client.post("/books/", json={"title": f"Book {i}"}, headers=owner)
+    page = client.get("/books/?limit=2&cursor=3").get_json()
+    assert [b["id"] for b in page["items"]] == [2, 1]
+    assert client.get("/books/?limit=100").status_code == 200
+    assert client.get(f"/books/?cursor={2**63 - 1}").status_code == 200
+    assert_error(client.get(f"/books/?cursor={2**63}"), 422)
+    assert_error(client.get(f"/books/?cursor={'9' * 5000}"), 422)
+
+
 # --- stored emails ------------------------------------------------------------------------------
 
 

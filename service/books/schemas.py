@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from apiflask import Schema
 from apiflask.fields import DateTime, Integer, List, Nested, String
-from marshmallow import validate
 
 from service.models import AUTHOR_MAX, MAX_ID, TITLE_MAX
-from service.schemas import text
+from service.schemas import CanonicalInt, text
 
 PAGE_MAX = 100  # the largest page a client may ask for (BOOKS_PAGE_SIZE is capped to it too)
 
@@ -34,12 +33,12 @@ class BookOut(Schema):
 
 
 class PageQuery(Schema):
-    limit = Integer(
-        validate=validate.Range(min=1, max=PAGE_MAX),
-        metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE)"},
+    limit = CanonicalInt(
+        maximum=PAGE_MAX,
+        metadata={"description": f"page size, 1..{PAGE_MAX} (default from BOOKS_PAGE_SIZE), in ASCII digits"},
     )
-    cursor = Integer(
-        validate=validate.Range(min=1, max=MAX_ID), metadata={"description": "the next_cursor of the previous page"}
+    cursor = CanonicalInt(
+        maximum=MAX_ID, metadata={"description": "the next_cursor of the previous page, in ASCII digits"}
     )
 
 

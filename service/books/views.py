@@ -13,23 +13,23 @@ from service.books import queries
 from service.books.schemas import BookIn, BookOut, BookPage, BookPatch, PageQuery
 from service.errors import APIError
 from service.models import MAX_ID
+from service.schemas import CANONICAL_INT, canonical_int
 
 bp = APIBlueprint("books", __name__, url_prefix="/books", tag="Books")
 
 
 class BookIdConverter(BaseConverter):
-    """A book id in the path: digits. An id no book can have (0, beyond bigint) becomes 0, which
-    matches no row, so every method answers 404. (A range on werkzeug's `int` converter fails the
-    match instead, and werkzeug then answers PUT/PATCH/DELETE /books/0 with 405 "Allow: GET".)"""
+    """A book id in the path, spelt canonically (service/schemas.py CANONICAL_INT): "0001",
+    "+1" or an Arabic-Indic one (U+0661) match no route and are 404, not book 1. An id no book can have (beyond bigint)
+    becomes 0, which matches no row, so every method answers 404. (A range on werkzeug's `int`
+    converter fails the match instead, and werkzeug then answers PUT/PATCH/DELETE /books/0 with
+    405 "Allow: GET".)"""
 
-    regex = r"\d+"
+    regex = CANONICAL_INT
     weight = 50
 
     def to_python(self, value: str) -> int:
-        if len(value) > len(str(MAX_ID)):
-            return 0
-        number = int(value)
-        return number if number <= MAX_ID else 0
+        return canonical_int(value, MAX_ID) or 0
 
     def to_url(self, value) -> str:
         return str(int(value))
