@@ -10,6 +10,7 @@ import re
 import sys
 import unicodedata
 
+import jsonschema_rs
 import pytest
 from flask_migrate import upgrade
 from marshmallow import ValidationError
@@ -374,3 +375,38 @@ def test_the_migration_rewrites_stored_emails_to_their_normal_form(make_app, leg
     client = app.test_client()
     for email in ("STRASSE@example.com", "straße@example.com", "A@example.com", "\uff41@EXAMPLE.com"):
         assert client.post("/auth/login", json={"email": email, "password": "secret"}).status_code == 200, email
+
+
+# --- the OpenAPI document -----------------------------------------------------------------------
+
+
+def test_the_openapi_document_states_the_rules(client):
+    spec = client.get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    for schema, field in [("BookIn", "title"), ("BookIn", "author"), ("BookPatch", "title"), ("Credentials", "email")]:
+        prop = schemas[schema]["properties"][field]
+        assert prop["pattern"] == TEXT_PATTERN, (schema, field)
+        assert "control characters" in prop["description"], (schema, field)
+    assert "NFKC" in schemas["Credentials"]["properties"]["email"]["description"]
+    assert schemas["Credentials"]["properties"]["password"]["pattern"] == "^[^\x00]*$"
+    query = {p["name"]: p["schema"] for p in spec["paths"]["/books/"]["get"]["parameters"]}
+    assert query == {
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+        "cursor": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    }
+    (book_id,) = spec["paths"]["/books/{book_id}"]["get"]["parameters"]
+    assert book_id["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+    assert "duplicate key" in spec["paths"]["/books/"]["post"]["responses"]["400"]["description"]
+
+
+@pytest.mark.parametrize(
+    "value", [*HOSTILE_TEXT.values(), *FINE_TEXT], ids=[*HOSTILE_TEXT, *(f"fine {i}" for i in range(len(FINE_TEXT)))]
+)
+def test_the_document_admits_a_title_exactly_when_the_service_does(app, client, owner, value):
+    """Read by another regex engine (jsonschema_rs: Rust), the pattern still says what the
+    service does, astral characters included."""
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    for body in ({"title": value}, {"title": "ok", "author": value}):
+        admitted = jsonschema_rs.validator_for(schemas["BookIn"]).is_valid(body)
+        response = client.post("/books/", json=body, headers=owner)
+        assert admitted == (response.status_code == 201), (body, response.status_code)
