@@ -19,11 +19,11 @@ bp = APIBlueprint("books", __name__, url_prefix="/books", tag="Books")
 
 
 class BookIdConverter(BaseConverter):
-    """A book id in the path, spelt canonically (service/schemas.py CANONICAL_INT): "0001",
-    "+1" or an Arabic-Indic one (U+0661) match no route and are 404, not book 1. An id no book can have (beyond bigint)
-    becomes 0, which matches no row, so every method answers 404. (A range on werkzeug's `int`
-    converter fails the match instead, and werkzeug then answers PUT/PATCH/DELETE /books/0 with
-    405 "Allow: GET".)"""
+    """A book id in the path, spelt canonically (service/schemas.py CANONICAL_INT): "0001", "+1"
+    or an Arabic-Indic one (U+0661) match no route and are 404, not book 1. An id no book can
+    have (beyond bigint) becomes 0, which matches no row, so every method answers 404. (A range
+    on werkzeug's `int` converter fails the match instead, and werkzeug then answers
+    PUT/PATCH/DELETE /books/0 with 405 "Allow: GET".)"""
 
     regex = CANONICAL_INT
     weight = 50
