@@ -15,8 +15,6 @@ from sqlalchemy import create_engine, text
 
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
-from bench.harness.polling import wait_for
-from bench.harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.stack
 
@@ -30,10 +28,7 @@ def stack(migrated_database, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("hostile")
     env = stack_env(migrated_database("test_hostile"), data_dir, LOG_CONSOLE="0")
     with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        wait_for(
-            lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-            f"{WORKERS} workers alive",
-        )
+        stack.wait_for_workers()
         stack.data_dir = data_dir
         engine = create_engine(env["DB_URI"])
 

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
-from bench.harness.scrape import metric, scrape
+from bench.harness.scrape import scrape
 from service import create_app
 from tests.conftest import TEST_SECRET
 
@@ -39,10 +39,7 @@ def stack(migrated_database, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("bounds")
     env = stack_env(migrated_database("test_bounds"), data_dir, LOG_CONSOLE="0")
     with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        wait_for(
-            lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-            f"{WORKERS} workers alive",
-        )
+        stack.wait_for_workers()
         stack.db_uri = env["DB_URI"]
         stack.data_dir = data_dir
         yield stack

@@ -37,10 +37,7 @@ def stack(migrated_database, tmp_path_factory):
         )
         with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
             # the master spawns workers one after another
-            wait_for(
-                lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-                f"{WORKERS} workers alive",
-            )
+            stack.wait_for_workers()
             stack.receiver = receiver
             stack.data_dir = data_dir
             stack.db_uri = env["DB_URI"]
@@ -163,9 +160,7 @@ def test_crashes_under_load_are_counted_replaced_and_lose_no_write(stack):
         for thread in threads:
             thread.join(15)
 
-    wait_for(
-        lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS, f"{WORKERS} workers alive again"
-    )
+    stack.wait_for_workers(what=f"{WORKERS} workers alive again")
     after = scrape(stack.metrics_url)
     assert metric(after, "flaskapi_worker_restarts_total") - restarts_before == crashes
     assert metric(after, "flaskapi_worker_exits_total", cause="exit code 1") >= crashes

@@ -16,7 +16,6 @@ import requests
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
-from bench.harness.scrape import metric, scrape
 from tests.test_logging import unsafe_characters
 
 pytestmark = pytest.mark.stack
@@ -31,10 +30,7 @@ def stack(migrated_database, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("output")
     env = stack_env(migrated_database("test_output"), data_dir, LOG_CONSOLE="0")
     with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        wait_for(
-            lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive") == WORKERS,
-            f"{WORKERS} workers alive",
-        )
+        stack.wait_for_workers()
         stack.log_file = data_dir / "logs" / "app.log"
         yield stack
 

@@ -63,7 +63,7 @@ def stack(migrated_database, tmp_path_factory):
         THROTTLE_STORE_TIMEOUT_MS="1000",
     )
     with Gunicorn(env, workers=WORKERS, log_path=workdir / "gunicorn.out") as server:
-        wait_for(lambda: metric(scrape(server.metrics_url), "flaskapi_workers_alive") == WORKERS, "3 workers")
+        server.wait_for_workers()
         server.log_dir = workdir / "logs"
         server.db_uri = env["DB_URI"]
         yield server

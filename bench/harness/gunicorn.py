@@ -11,7 +11,9 @@ import tempfile
 from pathlib import Path
 
 from bench.harness.environment import ROOT, free_port
+from bench.harness.polling import wait_for
 from bench.harness.process import ManagedProcess
+from bench.harness.scrape import metric, scrape
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
@@ -39,9 +41,19 @@ class Gunicorn(ManagedProcess):
             "METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
+        self.workers = workers
         if workers is not None:
             full_env["WEB_CONCURRENCY"] = str(workers)
         super().__init__([GUNICORN, "-c", CONFIG], env=full_env, log_path=log_path, ready_url=self.url + "/healthz")
+
+    def wait_for_workers(self, count: int | None = None, what: str = "") -> None:
+        """Until the master reports `count` live workers (default: the number asked for). Ready
+        means one worker answered /healthz; the master spawns the others one after another."""
+        count = self.workers if count is None else count
+        wait_for(
+            lambda: metric(scrape(self.metrics_url), "flaskapi_workers_alive") == count,
+            what or f"{count} workers alive",
+        )
 
     def stop(self, timeout: float | None = None) -> int | None:
         code = super().stop(timeout)
