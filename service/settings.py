@@ -99,6 +99,8 @@ class Settings:
     database_uri: str | None  # None: use the embedded development Postgres in data_dir
     jwt_secret_key: str
     jwt_access_token_expires: int
+    jwt_issuer: str
+    jwt_audience: str
     data_dir: Path
     pool_size: int
     max_overflow: int
@@ -191,6 +193,10 @@ class Settings:
             database_uri=database_uri,
             jwt_secret_key=secret,
             jwt_access_token_expires=_int(env, "JWT_ACCESS_TOKEN_EXPIRES", 3600, minimum=1),
+            # Set in every token and required of every token (service/auth/tokens.py): a token
+            # another service signed with a shared key is not one of ours.
+            jwt_issuer=env.get("JWT_ISSUER") or "flaskapi-observability",
+            jwt_audience=env.get("JWT_AUDIENCE") or "flaskapi-observability-api",
             data_dir=data_dir,
             # A request holds at most one connection at a time and never while hashing, so one
             # connection per worker thread is enough; a pool that size cannot run dry.

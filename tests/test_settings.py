@@ -28,6 +28,8 @@ VARIABLES = (
     "DATABASE_URL",
     "JWT_SECRET_KEY",
     "JWT_ACCESS_TOKEN_EXPIRES",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
     "DATA_DIR",
     "DB_POOL_SIZE",
     "DB_MAX_OVERFLOW",
@@ -351,6 +353,7 @@ def test_defaults(tmp_path):
     assert settings.crash_route_enabled is False
     assert settings.page_size_default == 20
     assert settings.jwt_access_token_expires == 3600
+    assert (settings.jwt_issuer, settings.jwt_audience) == ("flaskapi-observability", "flaskapi-observability-api")
     assert settings.max_content_length == 64 * 1024
     assert settings.max_drain_bytes == 10 * 1024 * 1024
     assert (settings.password_time_cost, settings.password_memory_cost, settings.password_parallelism) == (
