@@ -7,7 +7,6 @@ it builds the app in named steps and nothing runs at import time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
 
 from apiflask import APIFlask
 
@@ -66,6 +65,7 @@ def register_request_context(app: APIFlask) -> None:
 
 
 def configure(app: APIFlask, settings: Settings) -> None:
+    from service.auth import tokens
     from service.books.schemas import PAGE_MAX
     from service.database import engine_options
     from service.errors import ERROR_SCHEMA
@@ -82,9 +82,7 @@ def configure(app: APIFlask, settings: Settings) -> None:
         BOOKS_PAGE_SIZE=min(settings.page_size_default, PAGE_MAX),  # both bounds checked once here
         SQLALCHEMY_DATABASE_URI=database_uri,
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings),
-        JWT_SECRET_KEY=settings.jwt_secret_key,
-        JWT_ACCESS_TOKEN_EXPIRES=timedelta(seconds=settings.jwt_access_token_expires),
-        JWT_TOKEN_LOCATION=["headers"],
+        **tokens.flask_config(settings),
         HTTP_ERROR_SCHEMA=ERROR_SCHEMA,
         VALIDATION_ERROR_SCHEMA=ERROR_SCHEMA,
         SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
@@ -96,17 +94,16 @@ def configure(app: APIFlask, settings: Settings) -> None:
 
 
 def register_extensions(app: APIFlask, settings: Settings) -> None:
+    from service.auth import tokens
     from service.auth.passwords import Passwords
     from service.database import ping_idle_connections
-    from service.errors import register_jwt_errors
     from service.extensions import db, jwt, migrate
 
     db.init_app(app)
     with app.app_context():
         ping_idle_connections(db.engine, idle_seconds=settings.db_ping_idle_seconds)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
-    jwt.init_app(app)
-    register_jwt_errors(jwt)
+    tokens.init_app(app, jwt)  # the one token policy: what a token must carry, checked before any view
     app.extensions["passwords"] = Passwords(
         time_cost=settings.password_time_cost,
         memory_cost=settings.password_memory_cost,

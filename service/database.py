@@ -34,6 +34,9 @@ def engine_options(settings: Settings) -> dict:
         "pool_recycle": settings.pool_recycle,
         "pool_pre_ping": False,  # see ping_idle_connections
         "isolation_level": "AUTOCOMMIT",
+        # A failed statement's error (its log line, its Sentry event) shows the SQL but never the
+        # values bound to it: those are what clients sent (emails, titles) or secrets.
+        "hide_parameters": True,
         "poolclass": pool_metrics.pool_class(settings),
         "connect_args": {
             "connect_timeout": settings.db_connect_timeout,

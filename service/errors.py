@@ -165,20 +165,29 @@ def register_error_handlers(app: APIFlask) -> None:
     app.register_error_handler(Exception, _unexpected)
 
 
-# flask-jwt-extended's error callbacks that can fire here (no blocklist, fresh tokens or user
-# loader is configured), each answered in our shape: (callback, message, code).
+# flask-jwt-extended's error callbacks that can fire here (no blocklist or fresh tokens are
+# used), each answered in our shape: (callback, message, code). The last two are the token
+# policy's refusals (service/auth/tokens.py): a token that breaks it is as invalid as a forged one.
 JWT_ERRORS = (
     ("unauthorized_loader", "Missing or malformed Authorization header: send 'Bearer <token>'", "token_missing"),
     ("invalid_token_loader", "The token is invalid", "token_invalid"),
     ("expired_token_loader", "The token has expired; log in again", "token_expired"),
+    ("token_verification_failed_loader", "The token is invalid", "token_invalid"),
+    ("user_lookup_error_loader", "The token is invalid", "token_invalid"),
 )
+
+
+def token_error(code: str) -> Response:
+    """The 401 of a JWT_ERRORS code."""
+    message = next(message for _, message, known in JWT_ERRORS if known == code)
+    return error_response(401, message, code=code)
 
 
 def register_jwt_errors(jwt) -> None:
     """flask-jwt-extended answers with its own body by default; route every case to ours."""
-    for callback, message, code in JWT_ERRORS:
+    for callback, _message, code in JWT_ERRORS:
 
-        def answer(*_args, _message=message, _code=code):
-            return error_response(401, _message, code=_code)
+        def answer(*_args, _code=code):
+            return token_error(_code)
 
         getattr(jwt, callback)(answer)

@@ -8,8 +8,11 @@ place that reads configuration; the rest of the service receives a `Settings`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from dotenv import dotenv_values
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENVIRONMENTS = ("development", "production", "testing")
 MIN_SECRET_BYTES = 32
+MIN_SECRET_BITS = 128  # estimated by secret_entropy_bits
+# How to make a good key, quoted by the refusals (a command, not a secret).
+GENERATE_SECRET = "JWT_SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"  # noqa: S105
 
 
 class SettingsError(RuntimeError):
@@ -93,6 +99,8 @@ class Settings:
     database_uri: str | None  # None: use the embedded development Postgres in data_dir
     jwt_secret_key: str
     jwt_access_token_expires: int
+    jwt_issuer: str
+    jwt_audience: str
     data_dir: Path
     pool_size: int
     max_overflow: int
@@ -177,11 +185,8 @@ class Settings:
             )
 
         secret = env.get("JWT_SECRET_KEY") or ""
-        if production and len(secret.encode()) < MIN_SECRET_BYTES:
-            raise SettingsError(
-                f"JWT_SECRET_KEY is missing or shorter than {MIN_SECRET_BYTES} bytes: set it to a random "
-                "value, e.g. JWT_SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
-            )
+        if production:
+            _check_secret(secret)
         if not secret:
             secret = _development_secret(data_dir)
 
@@ -190,6 +195,10 @@ class Settings:
             database_uri=database_uri,
             jwt_secret_key=secret,
             jwt_access_token_expires=_int(env, "JWT_ACCESS_TOKEN_EXPIRES", 3600, minimum=1),
+            # Set in every token and required of every token (service/auth/tokens.py): a token
+            # another service signed with a shared key is not one of ours.
+            jwt_issuer=env.get("JWT_ISSUER") or "flaskapi-observability",
+            jwt_audience=env.get("JWT_AUDIENCE") or "flaskapi-observability-api",
             data_dir=data_dir,
             # A request holds at most one connection at a time and never while hashing, so one
             # connection per worker thread is enough; a pool that size cannot run dry.
@@ -295,6 +304,45 @@ def _public_url(env: Mapping[str, str], name: str) -> str | None:
             f"(e.g. https://api.example.com), got {raw!r}"
         )
     return raw.rstrip("/")
+
+def _check_secret(secret: str) -> None:
+    """Production's key must be long and look random: a key of few or patterned characters is
+    as easy to guess as a short one, and whoever guesses it signs tokens for any user."""
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise SettingsError(
+            f"JWT_SECRET_KEY is missing or shorter than {MIN_SECRET_BYTES} bytes: set it to a random "
+            f"value, e.g. {GENERATE_SECRET}"
+        )
+    bits = secret_entropy_bits(secret)
+    if bits < MIN_SECRET_BITS:
+        raise SettingsError(
+            f"JWT_SECRET_KEY looks guessable (repeated or patterned characters: about {bits:.0f} bits of "
+            f"entropy estimated, {MIN_SECRET_BITS} needed): set it to a random value, e.g. {GENERATE_SECRET}"
+        )
+
+
+def _shannon_bits(symbols) -> float:
+    """Shannon entropy of the symbols' frequencies, times their number."""
+    counts = Counter(symbols)
+    total = sum(counts.values())
+    return -sum(n * math.log2(n / total) for n in counts.values())
+
+
+def secret_entropy_bits(secret: str) -> float:
+    """A conservative estimate of a secret's entropy, in bits: the least of the Shannon entropy
+    of its characters and of the steps between neighbouring characters (which sees runs such as
+    `abcdef` or `0123456789`), over its shortest repeating unit (`xyz` of `xyzxyzxy`).
+
+    Random keys pass with room to spare (least of 100,000 draws each: `token_urlsafe(32)` 181,
+    `token_hex(32)` 219, `token_urlsafe(48)` 300); `'a' * 32`, `'ab' * 16`, `'0123456789' * 4`
+    and a random 10 characters repeated come out at 0 to 30."""
+    unit = secret
+    for period in range(1, len(secret) // 2 + 1):
+        if secret[period:] == secret[:-period]:
+            unit = secret[:period]
+            break
+    steps = [ord(b) - ord(a) for a, b in itertools.pairwise(unit)]
+    return max(0.0, min(_shannon_bits(unit), _shannon_bits(steps)))
 
 
 def _development_secret(data_dir: Path) -> str:

@@ -4,6 +4,7 @@ an operator runs it; shared by the test_deploy_* files."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from pathlib import Path
@@ -22,7 +23,9 @@ NGINX_SITE = DEPLOY / "nginx" / "flaskapi.conf"
 INSTALL = DEPLOY / "install.sh"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-SECRET = "d" * 48  # what an operator puts in env.example's empty JWT_SECRET_KEY
+# What an operator puts in env.example's empty JWT_SECRET_KEY: 64 hex characters, as random as
+# production's guard asks (a repeated letter is refused).
+SECRET = hashlib.sha256(b"flaskapi-observability deploy test key").hexdigest()
 DB_PASSWORD = "deploy-test-password-0123456789"
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import event, inspect, text
 from service import create_app, devdb
 from service.commands import CHUNK
 from service.extensions import db
-from tests.conftest import empty_tables
+from tests.conftest import TEST_SECRET, empty_tables
 
 APP_TABLES = {"users", "books", "throttle_counters", "alembic_version"}
 HEAD = "0003"  # the newest migration (migrations/versions/)
@@ -175,7 +175,7 @@ def test_drop_refuses_in_production_without_yes(database_uri, tmp_path, app):
         {
             "FLASK_ENV": "production",
             "DB_URI": database_uri,
-            "JWT_SECRET_KEY": "p" * 48,
+            "JWT_SECRET_KEY": TEST_SECRET,
             "DATA_DIR": str(tmp_path),
             "LOG_TO_FILE": "0",
         }

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from service import create_app
 from service.extensions import db
-from service.settings import MIN_SECRET_BYTES, Settings, SettingsError, normalise_database_uri
-from tests.conftest import empty_tables
+from service.settings import (
+    MIN_SECRET_BITS,
+    MIN_SECRET_BYTES,
+    Settings,
+    SettingsError,
+    normalise_database_uri,
+    secret_entropy_bits,
+)
+from tests.conftest import TEST_SECRET, empty_tables
 
-STRONG_KEY = "k" * MIN_SECRET_BYTES
+STRONG_KEY = TEST_SECRET
 PREFIX = "flaskapi-observability: configuration error: "
 
 # Every variable these tests depend on: none may leak in from the real environment.
@@ -19,6 +28,8 @@ VARIABLES = (
     "DATABASE_URL",
     "JWT_SECRET_KEY",
     "JWT_ACCESS_TOKEN_EXPIRES",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
     "DATA_DIR",
     "DB_POOL_SIZE",
     "DB_MAX_OVERFLOW",
@@ -109,11 +120,59 @@ def test_production_with_31_byte_secret_exits(production):
     assert refused(production).startswith("JWT_SECRET_KEY")
 
 
+# 30 distinct characters, two of them two bytes long: 32 bytes, random-looking enough.
+THIRTY_CHARACTERS = "é7Qk2wZ9pXr4Lm8Ny1Vb5Tc3Hd6Jfü"
+
+
 def test_secret_length_is_counted_in_bytes(production, started):
     production["JWT_SECRET_KEY"] = "é" * 15 + "x"  # 16 characters, 31 bytes
-    assert refused(production).startswith("JWT_SECRET_KEY")
-    production["JWT_SECRET_KEY"] = "é" * 16  # 16 characters, 32 bytes
+    assert "shorter than" in refused(production)
+    assert (len(THIRTY_CHARACTERS), len(THIRTY_CHARACTERS.encode())) == (30, MIN_SECRET_BYTES)
+    production["JWT_SECRET_KEY"] = THIRTY_CHARACTERS
     started.append(create_app(production))
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "a" * 32,  # long enough, one character
+        "t" * 48,
+        "ab" * 16,
+        "0123456789" * 4,  # ten distinct characters, 133 bits by character frequency alone
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",  # a run
+        "k3J9xQ2mZp" * 4,  # random characters, repeated
+        secrets.token_urlsafe(16) * 2,
+        "passwordpasswordpasswordpassword1",
+        "qwertyuiopasdfghjklzxcvbnm123456",
+    ],
+)
+def test_production_refuses_a_low_entropy_secret(production, secret):
+    """A key of few or patterned characters is as guessable as a short one."""
+    assert len(secret.encode()) >= MIN_SECRET_BYTES
+    message = refused(production | {"JWT_SECRET_KEY": secret})
+    assert message.startswith("JWT_SECRET_KEY looks guessable")
+    assert f"{MIN_SECRET_BITS} needed" in message and "token_urlsafe(48)" in message
+    assert secret not in message  # the one line names the setting, never its value
+
+
+@pytest.mark.parametrize(
+    "generate",
+    [lambda: secrets.token_urlsafe(32), lambda: secrets.token_hex(32), lambda: secrets.token_urlsafe(48)],
+    ids=["token_urlsafe(32)", "token_hex(32)", "token_urlsafe(48)"],
+)
+def test_random_secrets_always_pass_the_entropy_estimate(production, started, generate):
+    """Fresh draws every run (the least of 100,000 draws is far above the bar: see
+    secret_entropy_bits), and one of them starts a production app."""
+    assert min(secret_entropy_bits(generate()) for _ in range(2000)) >= MIN_SECRET_BITS + 40
+    started.append(create_app(production | {"JWT_SECRET_KEY": generate()}))
+
+
+def test_only_production_refuses_a_low_entropy_secret(tmp_path, database_uri):
+    for env in ("development", "testing"):
+        settings = Settings.from_env(
+            {"FLASK_ENV": env, "DB_URI": database_uri, "DATA_DIR": str(tmp_path), "JWT_SECRET_KEY": "a" * 32}
+        )
+        assert settings.jwt_secret_key == "a" * 32
 
 
 def test_production_without_db_uri_exits(production):
@@ -136,13 +195,14 @@ def test_production_exits_even_when_real_environment_is_development(production, 
 
 
 def test_production_with_strong_key_and_db_uri_starts_and_serves(production, started):
-    production["JWT_SECRET_KEY"] = "k" * 64
+    key = secrets.token_urlsafe(48)
+    production["JWT_SECRET_KEY"] = key
     app = create_app(production)
     started.append(app)
     settings = app.config["APP_SETTINGS"]
     assert settings.is_production
     assert app.config["TESTING"] is False
-    assert app.config["JWT_SECRET_KEY"] == "k" * 64
+    assert app.config["JWT_SECRET_KEY"] == key
     assert app.config["SQLALCHEMY_DATABASE_URI"] == production["DB_URI"]
     client = app.test_client()
     assert client.get("/readyz").get_json() == {"status": "ready", "database": "ok"}
@@ -293,6 +353,7 @@ def test_defaults(tmp_path):
     assert settings.crash_route_enabled is False
     assert settings.page_size_default == 20
     assert settings.jwt_access_token_expires == 3600
+    assert (settings.jwt_issuer, settings.jwt_audience) == ("flaskapi-observability", "flaskapi-observability-api")
     assert settings.max_content_length == 64 * 1024
     assert settings.max_drain_bytes == 10 * 1024 * 1024
     assert (settings.password_time_cost, settings.password_memory_cost, settings.password_parallelism) == (

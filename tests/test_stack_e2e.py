@@ -23,10 +23,11 @@ from bench.harness.gunicorn import CONFIG, GUNICORN, Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.process import ManagedProcess
 from service import devdb
+from tests.conftest import TEST_SECRET
 
 pytestmark = pytest.mark.stack
 
-SECRET = "s" * 48  # 48 bytes: passes the production guard
+SECRET = TEST_SECRET  # passes the production guard (length and entropy)
 # Empty means "use the default" to Settings, so an ambient value cannot lower the cost or turn
 # the crash route on; nothing here is left to whatever the caller's shell exports.
 DEFAULTS = {

@@ -7,10 +7,9 @@ from __future__ import annotations
 from apiflask import APIBlueprint, Schema
 from apiflask.fields import DateTime, Integer, String
 from flask import current_app, g
-from flask_jwt_extended import create_access_token
 from marshmallow import validate
 
-from service.auth import queries, throttle
+from service.auth import queries, throttle, tokens
 from service.errors import APIError
 from service.models import EMAIL_MAX
 from service.schemas import NormalisedEmail, secret
@@ -95,7 +94,7 @@ def login(body):
         queries.replace_password_hash(user_id=user_id, password_hash=passwords.hash(body["password"]))
     expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
     return {
-        "token": create_access_token(identity=str(user_id)),
+        "token": tokens.issue(user_id),
         "token_type": "Bearer",
         "expires_in": int(expires.total_seconds()),
     }

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from apiflask import APIBlueprint
 from flask import Response, current_app, jsonify, url_for
-from flask_jwt_extended import get_jwt_identity, jwt_required
+from flask_jwt_extended import jwt_required
 from marshmallow import RAISE
 from sqlalchemy.exc import IntegrityError
 from werkzeug.routing import BaseConverter
 
+from service.auth.tokens import current_user_id
 from service.books import queries
 from service.books.schemas import BookIn, BookOut, BookPage, BookPatch, PageQuery
 from service.errors import APIError
@@ -40,13 +41,6 @@ bp.record_once(lambda state: state.app.url_map.converters.setdefault("book_id", 
 BOOK_ID = "<book_id:book_id>"
 AUTH_DOC = {"security": "BearerAuth"}
 OWNER_ONLY = {403: "Not the book's owner", 404: "No such book"}
-
-
-def _current_user_id() -> int:
-    try:
-        return int(get_jwt_identity())
-    except (TypeError, ValueError):
-        raise APIError(401, "The token is invalid", code="token_invalid") from None
 
 
 def _json(data: dict, status: int = 200, headers: dict | None = None) -> Response:
@@ -88,7 +82,7 @@ def list_books(query):
 @bp.doc(summary="Create a book", **AUTH_DOC)
 def create_book(body):
     try:
-        return _json(queries.create(owner_id=_current_user_id(), **body), 201)
+        return _json(queries.create(owner_id=current_user_id(), **body), 201)
     except IntegrityError:  # the token's user was deleted since it was issued
         raise APIError(401, "The token's user no longer exists", code="token_invalid") from None
 
@@ -104,7 +98,7 @@ def get_book(book_id):
 
 
 def _update(book_id: int, values: dict):
-    book, exists = queries.update_owned(book_id=book_id, owner_id=_current_user_id(), values=values)
+    book, exists = queries.update_owned(book_id=book_id, owner_id=current_user_id(), values=values)
     if book is None:
         raise _forbidden() if exists else _not_found()
     return _json(book)
@@ -135,7 +129,7 @@ def patch_book(book_id, body):
 @bp.output({}, status_code=204)
 @bp.doc(summary="Delete a book (owner only)", responses=OWNER_ONLY, **AUTH_DOC)
 def delete_book(book_id):
-    deleted, exists = queries.delete_owned(book_id=book_id, owner_id=_current_user_id())
+    deleted, exists = queries.delete_owned(book_id=book_id, owner_id=current_user_id())
     if not deleted:
         raise _forbidden() if exists else _not_found()
     return "", 204
