@@ -305,6 +305,7 @@ def _public_url(env: Mapping[str, str], name: str) -> str | None:
         )
     return raw.rstrip("/")
 
+
 def _check_secret(secret: str) -> None:
     """Production's key must be long and look random: a key of few or patterned characters is
     as easy to guess as a short one, and whoever guesses it signs tokens for any user."""
