@@ -12,6 +12,7 @@ the response headers every answer of the service carries (security_headers.py).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import socket
@@ -85,12 +86,34 @@ class MasterMetrics(Collector):
         )
 
 
+class WorkerSamples(MultiProcessCollector):
+    """Every worker's sample files merged, less those still being created.
+
+    prometheus_client's MmapedDict creates a file empty and only then sizes it and writes its
+    header; a scrape in that instant read an empty file and the whole collection failed with
+    struct.error, a 500 for every series (seen while a master started its workers). A file
+    shorter than its 8-byte header holds no sample yet, and files only grow: skipping it loses
+    nothing, and the next scrape reads it whole."""
+
+    HEADER_BYTES = 8
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.stat(path).st_size >= self.HEADER_BYTES:
+                    files.append(path)
+            except FileNotFoundError:  # removed since listed (a dead worker's live gauge)
+                continue
+        return self.merge(files, accumulate=True)
+
+
 def start(server, *, bind: str, version: str):
     """Serve the merged metrics on `bind` (host:port) from a thread of the master; returns the
     master's collector (for the exit counts) and the HTTP server (to shut down)."""
     host, _, port = bind.rpartition(":")
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    WorkerSamples(registry)
     collector = MasterMetrics(server, version=version, database_probe=database_probe(server))
     registry.register(collector)
     httpd = serve(SecurityHeaders(make_wsgi_app(registry)), host or "127.0.0.1", int(port))
