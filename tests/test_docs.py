@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from service.settings import Settings, SettingsError
+from tests.conftest import TEST_SECRET
 
 CONTENT_TYPES = {".css": ("text/css",), ".js": ("text/javascript", "application/javascript"), ".png": ("image/png",)}
 EVIL_HOST = "attacker.example"
@@ -139,7 +140,7 @@ def test_public_url_must_be_an_http_url(value, tmp_path):
 
 
 def test_public_url_defaults(tmp_path):
-    base = {"DATA_DIR": str(tmp_path), "JWT_SECRET_KEY": "k" * 48, "DB_URI": "postgresql://u@h/d"}
+    base = {"DATA_DIR": str(tmp_path), "JWT_SECRET_KEY": TEST_SECRET, "DB_URI": "postgresql://u@h/d"}
     assert Settings.from_env({**base, "FLASK_ENV": "production"}).docs_enabled is False
     assert Settings.from_env({**base, "FLASK_ENV": "development"}).docs_enabled is True
     settings = Settings.from_env({**base, "FLASK_ENV": "testing", "PUBLIC_URL": "http://127.0.0.1:8080/api/"})
