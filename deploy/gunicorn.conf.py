@@ -47,6 +47,7 @@ if not _reloading:
         )
 
 from logging_conf.gunicorn_logger import AppWritesAccessLog  # noqa: E402
+from service import parse_errors  # noqa: E402
 from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
 
 wsgi_app = "service:create_app()"
@@ -80,6 +81,10 @@ control_socket_disable = True
 logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
 accesslog = None  # the app writes one access line per request (with route, user, request id)
 logger_class = AppWritesAccessLog
+
+# A request gunicorn itself cannot parse is answered in the one JSON error shape, not HTML, on
+# the direct port and through nginx alike (service/parse_errors.py).
+parse_errors.install()
 
 # Merged metrics, worker deaths reported (log line, counter, Sentry event).
 if not _reloading:

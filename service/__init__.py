@@ -31,6 +31,9 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
         enable_openapi=settings.docs_enabled,  # off in production unless DOCS_ENABLED (service/docs.py)
     )
     configure_logging(settings)
+    # One spelling per URL: werkzeug would answer `/books//1` with a 308 to `/books/1`, an HTML
+    # page whose Location is built from the client's Host header. Unmerged, it is a JSON 404.
+    app.url_map.merge_slashes = False
     configure(app, settings)
     register_request_context(app)
     register_extensions(app, settings)

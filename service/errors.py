@@ -31,9 +31,12 @@ CODES = {
     408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     422: "validation_error",
     429: "too_many_requests",
+    431: "header_too_large",
     500: "internal_error",
     503: "service_unavailable",
 }

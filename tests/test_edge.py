@@ -370,7 +370,7 @@ def test_nginx_answers_its_own_errors_in_json(edge, name):
 
 
 # What a client sends that gunicorn's own parser refuses before the app: through the edge, nginx
-# answers first, in JSON; straight at gunicorn, gunicorn's HTML (docs/deployment.md, the edge).
+# answers first, in JSON; straight at gunicorn, gunicorn answers, in JSON too (service/parse_errors.py).
 PARSER_REFUSALS = ["431 9 KB header", "414 5,000-character URL", "400 lowercase method"]
 
 
@@ -401,18 +401,67 @@ def test_parser_refusals_on_a_reused_connection_are_json_too(edge, name):
         assert sock.recv(1) == b""  # and nginx closed it
 
 
+def gunicorn_error(status: int, headers, body: bytes, *, expected: int, code: str) -> dict:
+    """The one JSON error shape, written by gunicorn itself for a request it could not parse
+    (service/parse_errors.py): never its HTML page; a new request id; then it closes."""
+    assert status == expected, body
+    assert headers["Content-Type"] == "application/json" and b"<html" not in body.lower(), body
+    error = json.loads(body)["error"]
+    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert (error["status"], error["code"], error["details"]) == (expected, code, {}), error
+    assert headers["X-Request-ID"] == error["request_id"] and re.fullmatch(r"[0-9a-f]{32}", error["request_id"])
+    assert headers["Connection"] == "close"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    return error
+
+
 @pytest.mark.parametrize("name", PARSER_REFUSALS)
-def test_parser_refusals_straight_at_gunicorn_are_its_html(edge, name):
-    """The direct path, written down so the docs stay true: gunicorn answers these itself, in
-    HTML, before any code of the service runs, so only nginx can give them the JSON shape."""
-    request, status, _, _ = ERRORS[name]
+def test_parser_refusals_straight_at_gunicorn_are_json_too(edge, name):
+    """The direct path: gunicorn answers these itself, before any WSGI code runs, in the same
+    JSON shape as everything else (its HTML page replaced, service/parse_errors.py)."""
+    request, status, code, _ = ERRORS[name]
     with socket.create_connection(("127.0.0.1", edge.gunicorn.port), timeout=30) as sock:
         sock.sendall(request)
         [(answered, headers, body)] = read_answers(sock, 1)
+    gunicorn_error(answered, headers, body, expected=status, code=code)
+
+
+def many_headers(count: int) -> bytes:
+    return b"".join(b"X-H%d: 1\r\n" % n for n in range(count))
+
+
+# Requests nginx accepts and forwards, which gunicorn's parser then refuses itself: without
+# parse_errors they reached clients through the edge as gunicorn's HTML page.
+PASSED_THROUGH = {
+    "raw non-ASCII in the request line": (b"GET /books/\xd9\xa1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "a control character in a header value": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-V: a\x01b\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "Content-Type twice": (
+        b"POST /books/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        400,
+        "bad_request",
+    ),
+    "more header fields than gunicorn's limit (nginx adds its own)": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many_headers(98) + b"\r\n",
+        431,
+        "header_too_large",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PASSED_THROUGH))
+def test_what_nginx_passes_and_gunicorn_refuses_is_json_through_the_edge(edge, name):
+    request, status, code = PASSED_THROUGH[name]
+    answered, headers, body = exchange(edge.nginx, request)
     assert answered == status, body
-    assert headers["Content-Type"].startswith("text/html") and b"<html>" in body.lower()
-    assert headers["Connection"] == "close"
-    assert "X-Request-ID" not in headers  # the app never saw it
+    assert headers["Content-Type"] == "application/json" and b"<html" not in body.lower(), body
+    error = json.loads(body)["error"]
+    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert (error["status"], error["code"]) == (status, code), error
 
 
 def test_the_largest_request_nginx_passes_is_answered_by_the_app_in_json(edge):

@@ -303,6 +303,13 @@ def test_a_book_id_is_canonical_ascii_or_404(app, client, owner, book, method, b
     assert book_rows(app) == before
 
 
+@pytest.mark.parametrize("path", ["/books//1", "/books///1", "/books/1//"])  # a leading // is a host here
+def test_a_doubled_slash_is_404_not_a_redirect_built_from_the_host(client, owner, book, path):
+    response = client.get(path, headers={**owner, "Host": "attacker.example"})
+    assert_error(response, 404, "not_found")
+    assert "Location" not in response.headers
+
+
 def test_the_canonical_id_still_finds_the_book(client, book):
     assert client.get("/books/1").status_code == 200
     assert client.get("/books/%31").status_code == 200  # the same URL: %31 is "1" itself

@@ -189,3 +189,20 @@ def test_issuer_and_audience_follow_their_settings(make_app):
         401,
         "token_invalid",
     )
+
+
+@pytest.mark.parametrize(
+    "header, code",
+    [
+        ("", "token_missing"),
+        ("Basic abc", "token_missing"),
+        ("bearer x.y.z", "token_missing"),
+        ("Bearer ", "token_invalid"),
+        ("Bearer", "token_invalid"),
+        ("Bearer a b", "token_invalid"),
+    ],
+)
+def test_an_authorization_header_that_is_not_one_bearer_token_is_401_as_documented(client, header, code):
+    response = client.post("/books/", json={"title": "x"}, headers={"Authorization": header})
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == code
