@@ -3,6 +3,7 @@ test_logging_stack.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -274,3 +275,79 @@ def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn
     assert len(files) >= 3, files  # it did rotate, at least twice, while the threads were writing
     seen = [(line["writer"], line["seq"]) for p in files for line in map(json.loads, p.read_text().splitlines())]
     assert sorted(seen) == [(n, i) for n in range(threads) for i in range(per_thread)]
+
+
+# --- write errors: counted, reported once a minute ------------------------------------------
+
+
+def write_errors(handler: str) -> float:
+    from logging_conf.write_errors import WRITE_ERRORS
+
+    return sum(
+        sample.value
+        for family in WRITE_ERRORS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("handler") == handler
+    )
+
+
+def test_a_broken_stderr_is_counted_without_a_traceback_per_line(capsys):
+    """The console handler under a broken pipe (journald or the terminal gone): counted, one
+    report attempt a minute, where the stdlib wrote a traceback per record."""
+    import os
+
+    import logging_conf
+    from logging_conf.write_errors import ConsoleHandler
+
+    assert logging_conf.build()["handlers"]["console"]["class"] == "logging_conf.write_errors.ConsoleHandler"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = os.fdopen(write_end, "w")
+    handler = ConsoleHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    try:
+        before = write_errors("console")
+        for n in range(500):
+            handler.handle(_record(f"line {n}"))
+        assert write_errors("console") - before == 500
+        err = capsys.readouterr().err  # the report goes to sys.stderr, here not the broken pipe
+        assert "Traceback" not in err and "Logging error" not in err
+        [report] = [json.loads(line) for line in err.splitlines()]
+        assert report["handler"] == "console" and "BrokenPipeError" in report["error"]
+    finally:
+        handler.close()
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
+
+
+def test_counting_never_fails_whatever_the_multiprocess_dir(tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR unset, set, or naming a directory that is gone: the handlers
+    load and a lost record is counted (or, with the directory gone, at least not fatal)."""
+    import os
+    import subprocess
+
+    from bench.harness.environment import ROOT
+
+    program = (
+        "import logging_conf.rotation, logging_conf.write_errors as w\n"
+        "w.count('file'); w.count('console')\n"
+        "print(sum(s.value for f in w.WRITE_ERRORS.collect() for s in f.samples if s.name.endswith('_total')))\n"
+    )
+    present = tmp_path / "metrics"
+    present.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    for directory, counted in ((None, "2.0"), (present, None), (tmp_path / "gone", None)):
+        run_env = env if directory is None else {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            cwd=ROOT,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, (directory, result.stderr)
+        if counted is not None:
+            assert result.stdout.strip() == counted
+    assert list(present.glob("counter_*.db")), "with the directory there, the count is in its files"
