@@ -8,9 +8,10 @@ Why our own handler (logging_conf/rotation.py) and not the stdlib's TimedRotatin
 with several worker processes that one is unsafe (each process rotates on its own; one renames
 or deletes the file another is still writing, and lines are lost, as our rotation test showed).
 Ours appends each line with one write(2) and no lock, and coordinates only the rotation itself,
-with an flock: exactly one process renames the file, the others notice and reopen. The
-console handler does not print a traceback per line when it cannot write (a broken pipe): it
-counts the lost records and says so once a minute (logging_conf/write_errors.py).
+with an flock: exactly one process renames the file, the others notice and reopen. It also
+reopens a file deleted or replaced under it within a second or two, and neither it nor the
+console handler prints a traceback per line when it cannot write (a full disk, a broken pipe):
+they count the lost records and say so once a minute (logging_conf/write_errors.py).
 """
 
 from __future__ import annotations
