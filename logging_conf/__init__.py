@@ -8,7 +8,10 @@ Why our own handler (logging_conf/rotation.py) and not the stdlib's TimedRotatin
 with several worker processes that one is unsafe (each process rotates on its own; one renames
 or deletes the file another is still writing, and lines are lost, as our rotation test showed).
 Ours appends each line with one write(2) and no lock, and coordinates only the rotation itself,
-with an flock: exactly one process renames the file, the others notice and reopen.
+with an flock: exactly one process renames the file, the others notice and reopen. It also
+reopens a file deleted or replaced under it within a second or two, and neither it nor the
+console handler prints a traceback per line when it cannot write (a full disk, a broken pipe):
+they count the lost records and say so once a minute (logging_conf/write_errors.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 FORMATTER = "logging_conf.formatter.JsonFormatter"
 ROTATING_HANDLER = "logging_conf.rotation.SharedTimedRotatingFileHandler"
+CONSOLE_HANDLER = "logging_conf.write_errors.ConsoleHandler"
 
 _applied: str | None = None
 
@@ -38,7 +42,7 @@ def build(
     """The dictConfig for these options. `log_dir=None` means no file (console only)."""
     handlers: dict[str, dict[str, Any]] = {}
     if console:
-        handlers["console"] = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        handlers["console"] = {"class": CONSOLE_HANDLER, "formatter": "json", "stream": "ext://sys.stderr"}
     if log_dir is not None:
         handlers["file"] = {
             "class": ROTATING_HANDLER,

@@ -3,6 +3,7 @@ test_logging_stack.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -274,3 +275,298 @@ def test_threads_log_without_a_lock_across_rotations_and_no_line_is_lost_or_torn
     assert len(files) >= 3, files  # it did rotate, at least twice, while the threads were writing
     seen = [(line["writer"], line["seq"]) for p in files for line in map(json.loads, p.read_text().splitlines())]
     assert sorted(seen) == [(n, i) for n in range(threads) for i in range(per_thread)]
+
+
+# --- write errors: counted, reported once a minute ------------------------------------------
+
+
+def write_errors(handler: str) -> float:
+    from logging_conf.write_errors import WRITE_ERRORS
+
+    return sum(
+        sample.value
+        for family in WRITE_ERRORS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("handler") == handler
+    )
+
+
+def test_a_broken_stderr_is_counted_without_a_traceback_per_line(capsys):
+    """The console handler under a broken pipe (journald or the terminal gone): counted, one
+    report attempt a minute, where the stdlib wrote a traceback per record."""
+    import os
+
+    import logging_conf
+    from logging_conf.write_errors import ConsoleHandler
+
+    assert logging_conf.build()["handlers"]["console"]["class"] == "logging_conf.write_errors.ConsoleHandler"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = os.fdopen(write_end, "w")
+    handler = ConsoleHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    try:
+        before = write_errors("console")
+        for n in range(500):
+            handler.handle(_record(f"line {n}"))
+        assert write_errors("console") - before == 500
+        err = capsys.readouterr().err  # the report goes to sys.stderr, here not the broken pipe
+        assert "Traceback" not in err and "Logging error" not in err
+        [report] = [json.loads(line) for line in err.splitlines()]
+        assert report["handler"] == "console" and "BrokenPipeError" in report["error"]
+    finally:
+        handler.close()
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
+
+
+def test_counting_never_fails_whatever_the_multiprocess_dir(tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR unset, set, or naming a directory that is gone: the handlers
+    load and a lost record is counted (or, with the directory gone, at least not fatal)."""
+    import os
+    import subprocess
+
+    from bench.harness.environment import ROOT
+
+    program = (
+        "import logging_conf.rotation, logging_conf.write_errors as w\n"
+        "w.count('file'); w.count('console')\n"
+        "print(sum(s.value for f in w.WRITE_ERRORS.collect() for s in f.samples if s.name.endswith('_total')))\n"
+    )
+    present = tmp_path / "metrics"
+    present.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    for directory, counted in ((None, "2.0"), (present, None), (tmp_path / "gone", None)):
+        run_env = env if directory is None else {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            cwd=ROOT,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, (directory, result.stderr)
+        if counted is not None:
+            assert result.stdout.strip() == counted
+    assert list(present.glob("counter_*.db")), "with the directory there, the count is in its files"
+
+
+# --- the file under the handler: deleted, replaced, disk full --------------------------------
+
+
+def _file_handler(path, clock, **options):
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
+
+    handler = SharedTimedRotatingFileHandler(str(path), clock=clock, watch=False, **options)
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
+def _messages(path) -> list[str]:
+    return [json.loads(line)["message"] for line in path.read_text().splitlines()]
+
+
+def _held_deleted(path) -> list[str]:
+    """This process's descriptors still open on `path` after it was deleted."""
+    import os
+
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == f"{path} (deleted)":
+            held.append(fd)
+    return held
+
+
+def test_a_deleted_log_file_is_reopened_at_the_next_look_and_released(tmp_path):
+    from logging_conf.rotation import CHECK_SECONDS
+
+    log = tmp_path / "app.log"
+    clock = FakeClock()
+    handler = _file_handler(log, clock)
+    try:
+        handler.emit(_record("before"))
+        log.unlink()
+        for n in range(50):  # within the same second of the clock: no look at the path, no stat per line
+            handler.emit(_record(f"unnoticed {n}"))
+        assert not log.exists()
+        clock.now += CHECK_SECONDS
+        handler.emit(_record("after"))
+        assert _messages(log) == ["after"]
+        assert _held_deleted(log), "the deleted file is closed a look later, not at once (a thread may hold it)"
+        clock.now += CHECK_SECONDS
+        handler.emit(_record("later"))
+        assert _held_deleted(log) == [], "the deleted file is still held open: its space is not freed"
+        assert _messages(log) == ["after", "later"]
+    finally:
+        handler.close()
+
+
+def test_a_replaced_log_file_is_reopened_and_the_directory_made_again(tmp_path):
+    import os
+    import shutil
+
+    from logging_conf.rotation import CHECK_SECONDS
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log = log_dir / "app.log"
+    clock = FakeClock()
+    handler = _file_handler(log, clock)
+    try:
+        handler.emit(_record("first"))
+        moved = tmp_path / "moved.log"
+        os.rename(log, moved)  # as logrotate does without copytruncate
+        other = log_dir / "other.log"
+        other.write_text(json.dumps({"message": "already there"}) + "\n")
+        os.rename(other, log)  # another file renamed onto the path
+        clock.now += CHECK_SECONDS
+        handler.emit(_record("second"))
+        assert _messages(log) == ["already there", "second"]
+        assert _messages(moved) == ["first"]
+
+        shutil.rmtree(log_dir)  # the whole directory
+        clock.now += CHECK_SECONDS
+        handler.emit(_record("third"))
+        assert _messages(log) == ["third"]
+    finally:
+        handler.close()
+
+
+def test_the_watcher_reopens_for_a_process_that_logs_nothing(tmp_path):
+    """gunicorn's master may not log for hours: its watcher thread looks at the path anyway, so
+    it too lets go of a deleted file (and its disk space) within a second or two."""
+    from logging_conf.rotation import SharedTimedRotatingFileHandler
+
+    log = tmp_path / "app.log"
+    handler = SharedTimedRotatingFileHandler(str(log))  # the real clock, watched
+    handler.setFormatter(JsonFormatter())
+    try:
+        handler.emit(_record("before"))
+        log.unlink()
+        wait_for(log.exists, "the watcher to reopen the deleted file", timeout=30)
+        wait_for(lambda: _held_deleted(log) == [], "the watcher to close the deleted file", timeout=30)
+        handler.emit(_record("after"))
+        assert _messages(log) == ["after"]
+    finally:
+        handler.close()
+
+
+def test_a_full_device_is_counted_and_reported_once_a_minute_in_one_json_line(tmp_path, capsys):
+    """/dev/full answers every write with ENOSPC: the stdlib printed a multi-line traceback
+    per record; here each is counted, and stderr gets one JSON line a minute."""
+    import os
+
+    from logging_conf.rotation import CHECK_SECONDS
+    from logging_conf.write_errors import REPORT_SECONDS
+
+    log = tmp_path / "app.log"
+    clock = FakeClock()
+    handler = _file_handler(log, clock)
+    try:
+        handler.emit(_record("before"))
+        (tmp_path / "full").symlink_to("/dev/full")
+        os.rename(log, tmp_path / "app.log.old")
+        os.rename(tmp_path / "full", log)  # the path now leads to a device that is always full
+        clock.now += CHECK_SECONDS
+        capsys.readouterr()
+        before = write_errors("file")
+        for n in range(1000):
+            handler.emit(_record(f"lost {n}"))
+        assert write_errors("file") - before == 1000
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Logging error" not in err
+        [report] = [json.loads(line) for line in err.splitlines()]
+        assert report["event"] == "log_write_failed" and report["level"] == "ERROR"
+        assert "No space left on device" in report["error"] and report["lost"] == 1
+        assert str(log) in report["message"]
+
+        clock.now += REPORT_SECONDS  # a minute on: the next failure reports again, with the count
+        handler.emit(_record("lost again"))
+        [report] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert report["lost"] == 1000
+
+        log.unlink()  # space again (a file where the device was): reopened at the next look
+        clock.now += CHECK_SECONDS
+        handler.emit(_record("after"))
+        assert _messages(log) == ["after"]
+        assert _messages(tmp_path / "app.log.old") == ["before"]
+        assert capsys.readouterr().err == ""
+    finally:
+        handler.close()
+
+
+class ShortWrites:
+    """A stream over a real descriptor whose writes stop after `room` more bytes, as write(2)
+    does on a device that fills mid-line; `then` runs after each short write (another process
+    appending)."""
+
+    def __init__(self, path, room: int, then=None) -> None:
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed with the handler)
+        self.room = room
+        self.then = then
+
+    def write(self, data: bytes) -> int:
+        if len(data) <= self.room:
+            self.room -= len(data)
+            return self.file.write(data)
+        written = self.file.write(data[: self.room])
+        self.room = 0
+        if self.then is not None:
+            self.then()
+        return written
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_a_line_the_disk_took_in_part_is_cut_off_again(tmp_path, capsys):
+    log = tmp_path / "app.log"
+    handler = _file_handler(log, FakeClock())
+    try:
+        handler.emit(_record("whole"))
+        handler.stream.close()
+        fits = len(JsonFormatter().format(_record("fits")).encode()) + 1
+        handler.stream = ShortWrites(log, room=fits + 40)
+        before = write_errors("file")
+        handler.emit(_record("fits"))  # the room left after this one is less than a line
+        handler.emit(_record("torn " + "x" * 200))
+        assert write_errors("file") - before == 1
+        assert log.read_text().endswith("\n"), "a torn line was left in the file"
+        handler.stream.room = 10_000  # space again
+        handler.emit(_record("after"))
+        assert _messages(log) == ["whole", "fits", "after"]
+        assert "cut off again" in json.loads(capsys.readouterr().err.splitlines()[-1])["error"]
+    finally:
+        handler.close()
+
+
+def test_a_fragment_that_cannot_be_cut_off_ends_before_the_next_line(tmp_path):
+    """If something was appended after the fragment (another process, the instant space came
+    back), cutting would destroy it: the fragment stays, and our next line starts on a new line."""
+    log = tmp_path / "app.log"
+    handler = _file_handler(log, FakeClock())
+
+    def another_process_appends() -> None:
+        with open(log, "ab") as other:
+            other.write(b"more")
+
+    try:
+        handler.stream.close()
+        handler.stream = ShortWrites(log, room=20, then=another_process_appends)
+        handler.emit(_record("torn " + "x" * 200))
+        handler.stream.room = 10_000
+        handler.emit(_record("after"))
+        lines = log.read_text().splitlines()
+        assert len(lines) == 2 and lines[0].endswith("more")
+        assert json.loads(lines[1])["message"] == "after"
+    finally:
+        handler.close()
