@@ -81,7 +81,8 @@ logconfig_dict = logging_conf.for_gunicorn(_settings.logging_config())
 accesslog = None  # the app writes one access line per request (with route, user, request id)
 logger_class = AppWritesAccessLog
 
-# Merged metrics, worker deaths reported (log line, counter, Sentry event).
+# Merged metrics, worker deaths reported (log line, counter, Sentry event), and a worker
+# aborted for timeout leaves its threads' stacks.
 if not _reloading:
     _master.hooks = MasterHooks(
         metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None, version=_settings.version
@@ -92,6 +93,7 @@ on_starting = _hooks.on_starting
 when_ready = _hooks.when_ready
 post_fork = _hooks.post_fork
 child_exit = _hooks.child_exit
+worker_abort = _hooks.worker_abort  # in a worker aborted for timeout: the stacks of its threads
 
 
 def on_exit(server):

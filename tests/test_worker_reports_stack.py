@@ -1,4 +1,5 @@
-"""Reports of dying workers on a real gunicorn: a replacement never waits on Sentry."""
+"""Reports of dying workers on a real gunicorn: a replacement never waits on Sentry, and a
+worker aborted for timeout leaves the stacks of its threads (log line and Sentry event)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,47 @@ def test_a_slow_or_unreachable_sentry_does_not_delay_replacing_workers(migrated_
             assert figures[name][what] < figures["healthy"][what] + 1.0, (name, what, figures)
             assert figures[name][what] < 2.0, (name, what, figures)
 
+
+def test_a_worker_stuck_past_the_timeout_leaves_its_stack(migrated_database, tmp_path):
+    """A sync worker held past GUNICORN_TIMEOUT in Python (the test-only sleep route): the
+    master aborts it, and before it dies it writes where every thread was, with the request id
+    it was serving, as one ERROR line and a Sentry event. The master's own report follows."""
+    request_id = f"stuck-{uuid.uuid4().hex[:12]}"
+    with SentryReceiver() as receiver:
+        env = stack_env(
+            migrated_database("test_worker_stacks"),
+            tmp_path,
+            FLASK_ENV="testing",  # the sleep route exists only there
+            GUNICORN_THREADS="1",
+            GUNICORN_TIMEOUT="2",
+            LOG_CONSOLE="0",
+            SENTRY_DSN=receiver.dsn,
+            SENTRY_TRACES_SAMPLE_RATE="0",
+        )
+        with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stuck:
+            with pytest.raises(requests.ConnectionError):  # aborted after 2 s, however slow the box
+                requests.get(
+                    stuck.url + "/_test/sleep", params={"seconds": 60}, headers={"X-Request-ID": request_id}, timeout=90
+                )
+            wait_for(
+                lambda: metric(scrape(stuck.metrics_url), "flaskapi_worker_exits_total", cause="timeout") >= 1,
+                "a timeout exit to be counted",
+            )
+            assert requests.get(stuck.url + "/healthz", timeout=5).status_code == 200
+            [event] = receiver.wait_for(lambda e: e.get("tags", {}).get("cause") == "timeout" and e.get("threads"))
+            receiver.wait_for(lambda e: e.get("logger") == "service.workers" and not e.get("threads"))  # the master's
+
+    [line] = [x for x in log_lines(tmp_path) if x.get("event") == "worker_timeout"]
+    assert line["level"] == "ERROR" and line["request_id"] == request_id
+    [serving] = [t for t in line["threads"] if t["request_id"] == request_id]
+    functions = [f["function"] for f in serving["frames"]]
+    assert functions[-1] == "sleep_for_test", functions  # where it hung, innermost last
+    assert "in sleep_for_test" in serving["stack"] and "time.sleep(seconds)" in serving["stack"]
+    assert "handle_abort" not in functions  # the stack as the signal found it, not the handler's
+    assert {x["cause"] for x in log_lines(tmp_path) if x.get("event") == "worker_died"} == {"timeout"}
+
+    assert event["tags"]["request_id"] == request_id and str(event["tags"]["worker_pid"]) == str(line["pid"])
+    assert event["level"] == "error"
+    [thread] = [t for t in event["threads"]["values"] if t["crashed"]]
+    assert thread["stacktrace"]["frames"][-1]["function"] == "sleep_for_test"
+    assert "threads" not in event.get("extra", {})

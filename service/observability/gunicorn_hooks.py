@@ -1,7 +1,8 @@
 """The gunicorn server hooks: what the master adds, wired to gunicorn's events.
 
-The merged metrics endpoint (master_metrics.py), the report of worker deaths (worker_exits.py)
-and, in each new worker, the start of its metrics (metrics.py).
+The merged metrics endpoint (master_metrics.py), the report of worker deaths (worker_exits.py),
+in each new worker the start of its metrics (metrics.py), and in a worker aborted for timeout
+the stacks of its threads (worker_timeouts.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class MasterHooks:
         if self.master_metrics is not None:
             self.master_metrics.exits[cause] += 1
         worker_exits.report(worker.pid, cause)
+
+    def worker_abort(self, worker) -> None:
+        """Runs in a worker the master aborts for timeout (SIGABRT), just before it exits."""
+        from service.observability import worker_timeouts
+
+        worker_timeouts.report(worker)
 
     def on_exit(self, server) -> None:
         if self._httpd is not None:
