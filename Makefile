@@ -60,8 +60,8 @@ bench: install system-deps ## the full benchmark (about 8 minutes): figures and 
 bench-quick: install system-deps ## the same scenarios at smaller scale, under 3 minutes
 	$(BIN)/python -m bench.run --quick
 
-db-stop: install ## stop the embedded development Postgres
-	$(BIN)/python -m service.devdb stop
+db-stop: install ## stop the embedded development Postgres, unless a process still uses it (then: which, and exit 1)
+	@$(BIN)/python -m service.devdb stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

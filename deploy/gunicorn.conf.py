@@ -86,7 +86,8 @@ logger_class = AppWritesAccessLog
 # the direct port and through nginx alike (service/parse_errors.py).
 parse_errors.install()
 
-# Merged metrics, worker deaths reported (log line, counter, Sentry event).
+# Merged metrics, worker deaths reported (log line, counter, Sentry event), and a worker
+# aborted for timeout leaves its threads' stacks.
 if not _reloading:
     _master.hooks = MasterHooks(
         metrics_bind=_settings.metrics_bind if _settings.metrics_enabled else None, version=_settings.version
@@ -97,6 +98,7 @@ on_starting = _hooks.on_starting
 when_ready = _hooks.when_ready
 post_fork = _hooks.post_fork
 child_exit = _hooks.child_exit
+worker_abort = _hooks.worker_abort  # in a worker aborted for timeout: the stacks of its threads
 
 
 def on_exit(server):

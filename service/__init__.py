@@ -135,6 +135,10 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
         from service.auth.crash import crash
 
         app.add_url_rule("/auth/crash", "auth_crash", crash, methods=["GET"])
+    if settings.env == "testing":
+        from service import testing_routes
+
+        testing_routes.init_app(app)
 
     documented = {"docs": "/docs", "openapi": "/openapi.json"} if settings.docs_enabled else {}
 

@@ -3,13 +3,16 @@
 Used only when `DB_URI` is unset outside production, so `make run`, the `flask` CLI and the
 tests need no system install yet never fall back to SQLite. The server listens on a Unix socket
 inside the data dir (no TCP port to collide with) and keeps running between commands, so the
-CLI, gunicorn and its workers all reach the same database; `make db-stop` stops it.
+CLI, gunicorn and its workers all reach the same database; `make db-stop` stops it (`stop`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -47,9 +50,80 @@ def create_database(handle, database: str) -> str:
     return normalise_database_uri(handle.get_uri(database))
 
 
-def stop(pgdata: Path) -> None:
-    if (pgdata / "postmaster.pid").exists():
-        server(pgdata, cleanup_mode="stop").cleanup()
+HANDLES = ".handle_pids.json"  # pgserver's list of the processes that hold a handle on the server
+# A process started this long after the list was last written cannot have written itself into
+# it: its pid is a reused one (psutil's start times are exact to about a second).
+_PID_REUSE_SLACK_SECONDS = 2.0
+
+
+def stop(pgdata: Path) -> tuple[bool, str]:
+    """Stop the server in `pgdata` unless a live process still holds a handle on it; prune the
+    holders that are gone (SIGKILLed, so never removed themselves). Returns (whether nothing is
+    left in the way, one line saying what was done).
+
+    pgserver stops the server only when its last holder exits cleanly, and a stale pid in its
+    list kept it running for ever; its own `cleanup()` returned silently whenever the list
+    held another pid. Taken under pgserver's lock, so nobody registers meanwhile."""
+    import psutil
+
+    pgdata = pgdata.expanduser().resolve()
+    if not (pgdata / "PG_VERSION").exists():
+        return True, f"db-stop: no embedded Postgres in {pgdata}: nothing to stop"
+    pgserver = _pgserver()
+    with pgserver.PostgresServer._lock:
+        handles = pgserver.utils.DiskList(pgdata / HANDLES)
+        listed = handles.get()
+        written = (pgdata / HANDLES).stat().st_mtime if listed else 0.0
+        holders = {pid: command for pid in listed if (command := _holder(psutil, pid, written)) is not None}
+        pruned = [pid for pid in listed if pid not in holders]
+        if pruned:
+            handles.put([pid for pid in listed if pid in holders])
+        note = f"; pruned dead pid{'s' if len(pruned) > 1 else ''} {', '.join(map(str, pruned))}" if pruned else ""
+        if holders:
+            users = "; ".join(f"pid {pid} ({command})" for pid, command in holders.items())
+            return False, f"db-stop: the embedded Postgres in {pgdata} is still used by {users}: not stopped{note}"
+        try:
+            info = pgserver.utils.PostmasterInfo.read_from_pgdata(pgdata)
+        except (AssertionError, ValueError):  # a postmaster.pid being written or left half-written
+            info = None
+        if info is None or not info.is_running():
+            return True, f"db-stop: the embedded Postgres in {pgdata} is not running{note}"
+        # As pgserver runs it: as its own system user when we are root.
+        user = "pgserver" if os.geteuid() == 0 else None
+        try:
+            pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            return False, f"db-stop: pg_ctl stop failed for {pgdata} ({exc}): see {pgdata / 'log'}{note}"
+        return True, f"db-stop: stopped the embedded Postgres (pid {info.pid}) in {pgdata}{note}"
+
+
+def _holder(psutil, pid: int, written: float) -> str | None:
+    """The command line of `pid` if it may hold a handle: alive, not a zombie, not a pid reused
+    by a process started after the list was last written; None otherwise. Control characters
+    are escaped: the report is one line."""
+    from logging_conf.formatter import escape_controls
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if process.create_time() > written + _PID_REUSE_SLACK_SECONDS:
+            return None
+        try:
+            return escape_controls(" ".join(process.cmdline()) or process.name())
+        except psutil.AccessDenied:
+            return escape_controls(process.name())
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _pgserver():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in `server`
+        import pgserver
+        import pgserver.utils
+
+        return pgserver
 
 
 def pgdata_for(data_dir: Path) -> Path:
@@ -66,7 +140,9 @@ def main() -> None:
     if args.action == "uri":
         print(ensure_database(pgdata))
     else:
-        stop(pgdata)
+        stopped, line = stop(pgdata)
+        print(line)
+        sys.exit(0 if stopped else 1)
 
 
 if __name__ == "__main__":

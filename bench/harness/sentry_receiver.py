@@ -2,7 +2,8 @@
 
 sentry-sdk POSTs envelopes (newline-delimited JSON: an envelope header, then item headers and
 payloads; gzip or brotli compressed) to /api/<project_id>/envelope/. We decode them exactly as
-Sentry would, so the SDK runs unpatched end to end.
+Sentry would, so the SDK runs unpatched end to end. `delay` makes it a slow Sentry: every
+envelope is recorded on arrival, answered only `delay` seconds later.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def parse_envelope(body: bytes) -> list[tuple[dict, bytes]]:
 
 
 class SentryReceiver:
-    def __init__(self) -> None:
+    def __init__(self, *, delay: float = 0.0) -> None:
+        self.delay = delay
         self.events: list[dict] = []
         self.raw: list[bytes] = []
         self._lock = threading.Lock()
@@ -52,15 +54,21 @@ class SentryReceiver:
                     for header, payload in parse_envelope(body):
                         if header.get("type") in ("event", "transaction"):
                             receiver.events.append(json.loads(payload))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"id": "0"}')
+                if receiver.delay:
+                    time.sleep(receiver.delay)  # the slow Sentry this stands for
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"id": "0"}')
+                except (BrokenPipeError, ConnectionResetError):  # the sender gave up (or died) waiting
+                    pass
 
             def log_message(self, *args):  # keep test output clean
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.block_on_close = not delay  # stopping does not wait out the slow answers
         self.port = self.server.server_address[1]
         self.dsn = f"http://publickey@127.0.0.1:{self.port}/1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -1,7 +1,8 @@
 """The gunicorn server hooks: what the master adds, wired to gunicorn's events.
 
-The merged metrics endpoint (master_metrics.py), the report of worker deaths (worker_exits.py)
-and, in each new worker, the start of its metrics (metrics.py).
+The merged metrics endpoint (master_metrics.py), the report of worker deaths (worker_exits.py),
+in each new worker the start of its metrics (metrics.py), and in a worker aborted for timeout
+the stacks of its threads (worker_timeouts.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import logging
 
 from service.observability import master_metrics, worker_exits
 from service.observability.master_metrics import MasterMetrics
+
+# What the master gives its queued reports (worker deaths) to leave when it stops; nothing
+# else in the master waits on Sentry.
+EXIT_FLUSH_SECONDS = 2.0
 
 
 class MasterHooks:
@@ -45,9 +50,15 @@ class MasterHooks:
             self.master_metrics.exits[cause] += 1
         worker_exits.report(worker.pid, cause)
 
+    def worker_abort(self, worker) -> None:
+        """Runs in a worker the master aborts for timeout (SIGABRT), just before it exits."""
+        from service.observability import worker_timeouts
+
+        worker_timeouts.report(worker)
+
     def on_exit(self, server) -> None:
         if self._httpd is not None:
             self._httpd.shutdown()
         from service.observability.sentry import flush
 
-        flush()
+        flush(EXIT_FLUSH_SECONDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 
@@ -19,11 +20,17 @@ HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("service.access")
 
+# The request id each thread of this process is serving, by thread ident: read from outside the
+# request by the report of a worker aborted for timeout (worker_timeouts.py). A dict store per
+# request and a pop at its teardown (atomic under the GIL: no lock).
+serving: dict[int, str] = {}
+
 
 def init_app(app: Flask) -> None:
     """Register first, so the id exists before any other hook can answer or fail."""
     app.before_request(_begin)
     app.after_request(_end)
+    app.teardown_request(_done)
 
 
 def request_id_from(incoming: str) -> str:
@@ -34,6 +41,11 @@ def request_id_from(incoming: str) -> str:
 def _begin() -> None:
     g.request_started = time.perf_counter()
     g.request_id = request_id_from(request.headers.get(HEADER, ""))
+    serving[threading.get_ident()] = g.request_id
+
+
+def _done(_exc: BaseException | None = None) -> None:
+    serving.pop(threading.get_ident(), None)
 
 
 def _user_id() -> str | None:

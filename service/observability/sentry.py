@@ -31,6 +31,7 @@ process.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import sentry_sdk
@@ -66,6 +67,7 @@ ALLOWED_HEADERS = frozenset(
 ALLOWED_ENV = frozenset({"SERVER_NAME", "SERVER_PORT"})  # the SDK's request `env`
 
 _request_context_registered = False  # per process; a forked worker inherits it with the scope
+_fork_reset_registered = False
 
 
 def init(settings: Settings) -> bool:
@@ -73,6 +75,7 @@ def init(settings: Settings) -> bool:
     if not settings.sentry_dsn:
         return False
     _register_request_context()
+    _register_fork_reset()
     client = sentry_sdk.get_client()
     if client.is_active() and client.dsn == settings.sentry_dsn:
         return True  # already set up in this process (the app factory ran twice)
@@ -152,8 +155,34 @@ def _register_request_context() -> None:
         _request_context_registered = True
 
 
+def _register_fork_reset() -> None:
+    global _fork_reset_registered
+    if not _fork_reset_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_own_transport_in_child)
+        _fork_reset_registered = True
+
+
+def _own_transport_in_child() -> None:
+    """In a forked process (a gunicorn worker): a transport of its own, with an empty queue and
+    no connection of the master's.
+
+    The SDK's background worker restarts its thread in a child but keeps the queue it copied:
+    an event the master had not sent yet (its report of a death, queued behind a slow send) was
+    sent again by the worker forked meanwhile, on that worker's first event. The copied
+    connection pool would share the master's keep-alive sockets. (The SDK's batchers and
+    monitor reset themselves at fork the same way; its transport does not.)"""
+    from sentry_sdk.transport import make_transport
+
+    client = sentry_sdk.get_client()
+    if not client.is_active() or client.transport is None:
+        return
+    client.transport = make_transport(client.options)
+    if getattr(client, "monitor", None) is not None:
+        client.monitor.transport = client.transport
+
+
 def flush(timeout: float = 2.0) -> None:
-    """Block until queued events are sent (before a deliberate os._exit)."""
+    """Block until queued events are sent or `timeout` passed (callers choose a bound)."""
     if sentry_sdk.get_client().is_active():
         sentry_sdk.flush(timeout)
 

@@ -4,7 +4,7 @@ A worker killed by `os._exit`, SIGKILL (the OOM killer) or a timeout abort canno
 so the master does: gunicorn logs each exit status just before calling `child_exit`; we keep
 that status from its log record (ExitStatusRecorder), count the exit (master_metrics.py: and, if
 it was not a clean exit, a restart), then write one JSON line with pid and cause and send a
-Sentry event (`report`).
+Sentry event (`report`), queued for the SDK's sending thread: nothing here waits on Sentry.
 """
 
 from __future__ import annotations
@@ -52,7 +52,13 @@ class ExitStatusRecorder(logging.Filter):
 
 def report(pid: int, cause: str) -> None:
     """One log line for a worker the master stopped; for one that died, an error line that is
-    also a Sentry event tagged with pid and cause, sent before the replacement is forked."""
+    also a Sentry event tagged with pid and cause.
+
+    The event is queued, not flushed: the SDK's transport sends it from its own thread, and
+    the replacement is forked next without waiting on Sentry (a flush here held every
+    replacement up to its 2 s bound when Sentry was slow or unreachable, 4 s for two deaths).
+    The worker forked meanwhile gets a transport of its own (sentry.py), so an event still
+    queued in the master is never sent from there too; the master flushes at exit."""
     if cause in STOPPED:
         log.info(
             "worker %d stopped (%s)", pid, cause, extra={"event": "worker_exit", "worker_pid": pid, "cause": cause}
@@ -70,8 +76,3 @@ def report(pid: int, cause: str) -> None:
             cause,
             extra={"event": "worker_died", "worker_pid": pid, "cause": cause},
         )
-    # Send it now: the replacement is forked next, and an event still queued in the master
-    # would be copied into the child and sent a second time from there.
-    from service.observability.sentry import flush
-
-    flush()
