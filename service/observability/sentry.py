@@ -97,6 +97,10 @@ def init(settings: Settings) -> bool:
         # No user identity, no request bodies at all, no local variables of stack frames
         # (a frame of the login view holds the password); headers still pass through `scrub`.
         data_collection={"user_info": False, "http_bodies": [], "stack_frame_variables": False},
+        # Without tracing there is no scope per request, so a breadcrumb (an outgoing http.client
+        # call, from the stdlib integration) would land on every later event of the thread,
+        # whichever request it belongs to: none are kept.
+        max_breadcrumbs=sentry_sdk.consts.DEFAULT_MAX_BREADCRUMBS if tracing else 0,
         integrations=integrations,
         # Both would be auto-enabled (Flask and SQLAlchemy are installed). Without tracing,
         # SQLAlchemy's adds only a breadcrumb per query (~85 us a request, measured) and
