@@ -70,7 +70,7 @@ def register_request_context(app: APIFlask) -> None:
 def configure(app: APIFlask, settings: Settings) -> None:
     from service.auth import tokens
     from service.books.schemas import PAGE_MAX
-    from service.database import engine_options
+    from service.database import Deadlines, engine_options
     from service.errors import ERROR_SCHEMA
 
     database_uri = settings.database_uri
@@ -78,13 +78,15 @@ def configure(app: APIFlask, settings: Settings) -> None:
         from service import devdb
 
         database_uri = devdb.ensure_database(devdb.pgdata_for(settings.data_dir))
+    # The client-side deadlines of every round trip to the database (service/database.py).
+    deadlines = app.extensions["db_deadlines"] = Deadlines.from_settings(settings)
     app.config.update(
         APP_SETTINGS=settings,
         TESTING=settings.env == "testing",
         MAX_CONTENT_LENGTH=settings.max_content_length,
         BOOKS_PAGE_SIZE=min(settings.page_size_default, PAGE_MAX),  # both bounds checked once here
         SQLALCHEMY_DATABASE_URI=database_uri,
-        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings),
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings, deadlines),
         **tokens.flask_config(settings),
         HTTP_ERROR_SCHEMA=ERROR_SCHEMA,
         VALIDATION_ERROR_SCHEMA=ERROR_SCHEMA,
@@ -99,12 +101,13 @@ def configure(app: APIFlask, settings: Settings) -> None:
 def register_extensions(app: APIFlask, settings: Settings) -> None:
     from service.auth import tokens
     from service.auth.passwords import Passwords
-    from service.database import ping_idle_connections
+    from service.database import handle_timeouts, ping_idle_connections
     from service.extensions import db, jwt, migrate
 
     db.init_app(app)
     with app.app_context():
         ping_idle_connections(db.engine, idle_seconds=settings.db_ping_idle_seconds)
+        handle_timeouts(db.engine)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     tokens.init_app(app, jwt)  # the one token policy: what a token must carry, checked before any view
     app.extensions["passwords"] = Passwords(

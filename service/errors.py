@@ -20,6 +20,8 @@ from flask import Response, current_app, g, jsonify, request
 from psycopg2.errors import QueryCanceled
 from sqlalchemy import exc as sa_exc
 
+from service.database import DatabaseTimeout
+
 log = logging.getLogger("service.errors")
 
 CODES = {
@@ -138,7 +140,10 @@ def _pool_timeout(exc: sa_exc.TimeoutError) -> Response:
 
 
 def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
-    if isinstance(getattr(exc, "orig", None), QueryCanceled):  # DB_STATEMENT_TIMEOUT_MS passed
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, DatabaseTimeout):  # a client-side deadline (service/database.py)
+        return _database_not_answering(orig)
+    if isinstance(orig, QueryCanceled):  # DB_STATEMENT_TIMEOUT_MS passed
         log.warning("database statement timed out", extra={"event": "db_statement_timeout"})
         return error_response(
             503,
@@ -149,6 +154,36 @@ def _database_unavailable(exc: sa_exc.SQLAlchemyError) -> Response:
     log.error("database unavailable: %s", type(exc).__name__, exc_info=exc, extra={"event": "db_unavailable"})
     return error_response(
         503, "The database is unavailable; retry shortly", code="database_unavailable", headers={"Retry-After": "2"}
+    )
+
+
+def _database_not_answering(timeout: DatabaseTimeout) -> Response:
+    """The database did not answer within a client deadline (frozen, unreachable), or is known
+    not to and the statement was refused unsent: one WARNING per request, Sentry once a minute
+    per process (sentry_rate_limit), the same 503 as a server-side statement timeout."""
+    waited = time.perf_counter() - g.get("request_started", time.perf_counter())
+    if timeout.sent:
+        message = "database did not answer within %.3gs (%s): connection discarded"
+        args: tuple = (timeout.timeout_s, timeout.phase)
+    else:
+        message = "database not answering: %s refused without sending"
+        args = (timeout.phase,)
+    log.warning(
+        message,
+        *args,
+        extra={
+            "event": "db_timeout",
+            "phase": timeout.phase,
+            "sent": timeout.sent,
+            "timeout_s": timeout.timeout_s,
+            "waited_s": round(waited, 3),
+        },
+    )
+    return error_response(
+        503,
+        "The database did not answer in time; retry shortly",
+        code="database_timeout",
+        headers={"Retry-After": "2"},
     )
 
 

@@ -109,6 +109,8 @@ class Settings:
     db_connect_timeout: int
     db_ping_idle_seconds: float
     db_statement_timeout_ms: int
+    db_client_timeout_ms: int  # 0: statements have no client-side deadline
+    db_ping_timeout_ms: int
     max_content_length: int
     max_drain_bytes: int
     page_size_default: int
@@ -209,6 +211,11 @@ class Settings:
             db_connect_timeout=_int(env, "DB_CONNECT_TIMEOUT", 3, minimum=1),
             db_ping_idle_seconds=_float(env, "DB_PING_IDLE_SECONDS", 1.0, minimum=0.0),
             db_statement_timeout_ms=_int(env, "DB_STATEMENT_TIMEOUT_MS", 10000, minimum=0),
+            # Client-side deadlines (service/database.py): a frozen or unreachable database never
+            # fires the server's statement_timeout. One second above it, so that on a live
+            # database the server's timeout fires first and the connection is kept.
+            db_client_timeout_ms=_client_timeout_ms(env),
+            db_ping_timeout_ms=_int(env, "DB_PING_TIMEOUT_MS", 2000, minimum=100),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 64 * 1024, minimum=1024),
             # An oversized body is read and discarded up to this many bytes, so a client sending
             # it straight to gunicorn reads the 413; beyond, the connection closes under it.
@@ -274,6 +281,21 @@ class Settings:
                 f"{settings.throttle_account_delay_max}"
             )
         return settings
+
+
+CLIENT_TIMEOUT_MARGIN_MS = 1000
+
+
+def _client_timeout_ms(env: Mapping[str, str]) -> int:
+    statement = _int(env, "DB_STATEMENT_TIMEOUT_MS", 10000, minimum=0)
+    default = statement + CLIENT_TIMEOUT_MARGIN_MS if statement else 0
+    client = _int(env, "DB_CLIENT_TIMEOUT_MS", default, minimum=0)
+    if client and statement and client <= statement:
+        raise SettingsError(
+            f"DB_CLIENT_TIMEOUT_MS must be above DB_STATEMENT_TIMEOUT_MS (the server's timeout fires first on a "
+            f"live database; the client's only when it does not answer), got {client} <= {statement}"
+        )
+    return client
 
 
 def _public_url(env: Mapping[str, str], name: str) -> str | None:

@@ -4,7 +4,7 @@ Under a load test a pool timeout can happen thousands of times, and one event sa
 same holds for a bug: 20 requests that hit the same unhandled exception in 0.4 s were 20 events.
 Two kinds of report are limited, each key at most once per RATE_LIMIT_SECONDS per process:
 
-- a degraded-mode report (pool exhausted, database down or slow, throttle store failing), keyed
+- a degraded-mode report (pool exhausted, database down, slow or not answering, throttle store failing), keyed
   by its `event` (one per kind, whatever raised it);
 - any other event with an exception (an unhandled exception in a view, a logged exc_info), keyed
   by its fingerprint: the exception's type, where it was raised (file, function, line of the
@@ -25,7 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 RATE_LIMIT_SECONDS = 60.0
-RATE_LIMITED_EVENTS = frozenset({"db_pool_timeout", "db_unavailable", "db_statement_timeout", "throttle_store_error"})
+RATE_LIMITED_EVENTS = frozenset(
+    {"db_pool_timeout", "db_unavailable", "db_statement_timeout", "db_timeout", "throttle_store_error"}
+)
 SUPPRESSED = "sentry_suppressed"  # the `extra` key of the count
 
 
