@@ -37,6 +37,14 @@ class MasterHooks:
 
     def post_fork(self, server, worker) -> None:
         """Runs in the new worker."""
+        # A worker whose master died stops listening and exits (master_watch.py). The master's
+        # metrics socket was open when it forked: closed here, or an orphaned worker would keep
+        # the metrics port listening, unanswered.
+        from service.observability import master_watch
+
+        if self._httpd is not None:
+            self._httpd.socket.close()
+        master_watch.watch(worker)
         if self.metrics_bind:
             from service.observability.metrics import worker_started
 
