@@ -28,7 +28,10 @@ class MasterHooks:
         self._httpd = None
 
     def on_starting(self, server) -> None:
+        from service.observability import master_watch
+
         logging.getLogger("gunicorn.error").addFilter(self.exit_status)
+        master_watch.block_in_master()  # before the first fork: every worker thread has it blocked
 
     def when_ready(self, server) -> None:
         if not self.metrics_bind:

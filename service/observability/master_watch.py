@@ -53,7 +53,11 @@ from gunicorn.workers import gthread
 
 log = logging.getLogger("service.workers")
 
-SIGNAL = signal.SIGUSR2  # sent to gunicorn's master only (binary upgrade); unused by workers
+# A real-time signal gunicorn never uses (its SIGUSR1/USR2 are reset to the default, terminate,
+# in every worker it starts), blocked in the master before it forks (`block_in_master`), so every
+# thread of every worker has it blocked from its first instruction: the threads other modules
+# start before post_fork (the log file's watcher, forked-child hooks) included.
+SIGNAL = signal.SIGRTMIN + 2
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How long a stopping gthread worker keeps an idle kept-alive connection (gunicorn's own value).
 STOP_KEEPALIVE_LINGER = getattr(gthread, "STOP_KEEPALIVE_LINGER", 2.0)
@@ -64,14 +68,23 @@ STOP_KEEPALIVE_LINGER = getattr(gthread, "STOP_KEEPALIVE_LINGER", 2.0)
 GRACE_SECONDS = 5.0
 
 
+def block_in_master() -> None:
+    """In the master's main thread, before any worker is forked (gunicorn's on_starting): a
+    forked process starts with its forking thread's signal mask, and its threads with their
+    creator's."""
+    if sys.platform.startswith("linux"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGNAL})
+
+
 def watch(worker) -> bool:
     """In a newly forked worker (gunicorn's post_fork hook): be told when the master dies.
     False where the kernel cannot tell (not Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     master_pid = worker.ppid
-    # Before any other thread exists in this process (threads inherit the mask): only the
-    # watcher's sigwait will ever take the signal.
+    # Already blocked since the master's on_starting, in every thread (threads inherit the
+    # mask); again here for a master that did not run that hook. Only the watcher's sigwait
+    # ever takes the signal.
     signal.pthread_sigmask(signal.SIG_BLOCK, {SIGNAL})
     libc = ctypes.CDLL(None, use_errno=True)
     args = [ctypes.c_ulong(value) for value in (int(SIGNAL), 0, 0, 0)]  # unsigned long, as the kernel reads them
