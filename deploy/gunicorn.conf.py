@@ -46,6 +46,12 @@ if not _reloading:
             "directory: wipe it before starting (stale files from an earlier run would be merged in)"
         )
 
+from service.observability import sample_files  # noqa: E402
+
+# Before the app (preloaded below) creates its metrics: values are written to files only by
+# workers, from their start (sample_files.py); the master writes none.
+sample_files.install()
+
 from logging_conf.gunicorn_logger import AppWritesAccessLog  # noqa: E402
 from service import parse_errors  # noqa: E402
 from service.observability.gunicorn_hooks import MasterHooks  # noqa: E402
