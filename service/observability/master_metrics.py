@@ -196,6 +196,9 @@ def serve(app, host: str, port: int):
 
     class Server(ThreadingWSGIServer):
         address_family = family
+        # socketserver listens with a backlog of 5: of 200 scrapes connecting at once, some
+        # waited for the kernel's SYN retry (1 s and more).
+        request_queue_size = socket.SOMAXCONN
 
     httpd = make_server(sockaddr[0], port, app, Server, handler_class=_Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
@@ -229,14 +232,16 @@ def worker_gone(pid: int) -> None:
 
 def database_probe(server):
     """A check of the app's database with a throwaway connection (never a pooled one: the
-    master forks workers, and a pooled connection would be shared with them)."""
+    master forks workers, and a pooled connection would be shared with them). Scrapes that
+    arrive while a check runs share its answer: a burst of 200 scrapes opens a connection or
+    two, not 200 (more than the database's max_connections)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
     uri = server.app.wsgi().config["SQLALCHEMY_DATABASE_URI"]
     engine = create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 1})
 
-    def probe() -> bool:
+    def check() -> bool:
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -244,4 +249,32 @@ def database_probe(server):
         except Exception:  # any failure means "not up" for the gauge
             return False
 
-    return probe
+    return SharedCheck(check)
+
+
+class SharedCheck:
+    """`check()` run by one caller at a time; callers that arrive meanwhile wait and take its
+    answer (one that began before they arrived, so never older than one check)."""
+
+    def __init__(self, check) -> None:
+        self.check = check
+        self._done = threading.Condition()
+        self._running = False
+        self._round = 0
+        self._answer = False
+
+    def __call__(self) -> bool:
+        with self._done:
+            if self._running:
+                round_ = self._round
+                self._done.wait_for(lambda: self._round != round_)
+                return self._answer
+            self._running = True
+        answer = False
+        try:
+            answer = self.check()
+        finally:
+            with self._done:
+                self._running, self._answer, self._round = False, answer, self._round + 1
+                self._done.notify_all()
+        return answer
