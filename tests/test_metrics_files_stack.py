@@ -3,11 +3,13 @@ worker deaths, the master's own files, and a burst of scrapes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -44,7 +46,8 @@ class DirectoryWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self.seen.update(name for name in os.listdir(self.directory) if name.endswith(".db"))
+            with contextlib.suppress(FileNotFoundError):  # a test removes the whole directory
+                self.seen.update(name for name in os.listdir(self.directory) if name.endswith(".db"))
 
     def stop(self) -> None:
         self._stop.set()
@@ -197,11 +200,19 @@ def test_hundreds_of_worker_deaths_leave_a_bounded_directory_and_every_count(sta
     assert set(dead) <= set(settled), settled
     # at any moment: the live workers' files, those of workers dead but not reaped yet, the totals
     assert most_files <= 6 * WORKERS + len(dead), most_files
-    for _ in range(3):  # a busy moment of the box passes; 300 dead workers' files would not
-        seconds_after = scrape_seconds(stack)
-        if seconds_after <= 1.5 * seconds_before:
-            break
-    assert seconds_after <= 1.5 * seconds_before, (seconds_before, seconds_after)
+    # Measured until a quiet moment of the (shared, loaded) box: a busy moment passes, the cost
+    # of reading 300 dead workers' files would not.
+    measured: list[float] = []
+
+    def as_fast_as_at_the_start() -> bool:
+        measured.append(scrape_seconds(stack))
+        return measured[-1] <= 1.5 * seconds_before
+
+    try:
+        wait_for(as_fast_as_at_the_start, "the median scrape within 1.5 x the start's", timeout=60, interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seconds_before:.4f} s at the start, then {measured}") from None
+    seconds_after = measured[-1]
     print(
         f"{restarts:.0f} worker deaths in {crash_seconds:.1f} s; scrape {seconds_before:.4f} -> {seconds_after:.4f} s"
     )
@@ -252,6 +263,18 @@ def test_sample_files_removed_under_a_running_stack_come_back_with_their_counts(
     rewrites = wait_for(lambda: log_lines(stack, "metrics_files_rewritten"), "the rewrites to be logged")
     assert {line["level"] for line in rewrites} == {"WARNING"}
     assert any("dead" in name for line in rewrites for name in line["files"])
+
+
+def test_a_removed_metrics_directory_is_made_again(stack):
+    """`rm -rf` of the directory itself: the workers and the master create it again."""
+    before = total(stack)
+    shutil.rmtree(stack.metrics_dir)
+    more = answered(stack, 20)
+    wait_for(lambda: total(stack) == before + more, "the counts to come back in a new directory")
+    names = set(sample_files(stack))
+    assert {"counter_dead.db", "histogram_dead.db"} <= names, names
+    for pid in reported_worker_pids(scrape(stack.metrics_url)):
+        assert f"counter_{pid}.db" in names, names
 
 
 def test_the_master_writes_no_sample_file(stack):
