@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness.environment import stack_env
@@ -342,3 +343,33 @@ def test_a_burst_of_scrapes_is_answered_without_a_connect_retry(stack):
     listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=False)
     if listening.returncode == 0 and listening.stdout.split():
         assert int(listening.stdout.split()[2]) >= 128, listening.stdout  # Send-Q of a listener: its backlog
+
+
+def test_the_masters_own_counts_are_in_the_scrape(stack):
+    """The master writes no file, so what it counts itself is added by its collector: here the
+    failed reopens of app.log while a directory stands at its path (every process counts them
+    in flaskapi_log_write_errors_total, once a second). Workers' counts are in their files, the
+    master's are the scrape's excess over them."""
+    name = "flaskapi_log_write_errors_total"
+
+    def in_files() -> float:
+        collector = MultiProcessCollector(None, path=str(stack.metrics_dir))
+        return sum(s.value for family in collector.collect() for s in family.samples if s.name == name)
+
+    def masters_share() -> float:
+        files_before = in_files()
+        scraped = metric(scrape(stack.metrics_url), name)
+        files_after = in_files()  # counts only grow: at least what the workers had at the scrape
+        assert scraped >= files_before
+        return max(0.0, scraped - files_after)
+
+    assert masters_share() == 0
+    log = stack.data_dir / "logs" / "app.log"
+    kept = log.with_name("kept.log")
+    log.rename(kept)
+    log.mkdir()  # no process can open app.log again
+    try:
+        assert wait_for(masters_share, "the master's own failed writes in the scrape", timeout=60) >= 1
+    finally:
+        log.rmdir()
+        kept.rename(log)

@@ -14,6 +14,7 @@ the response headers every answer of the service carries (security_headers.py).
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ import psutil
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -91,7 +93,8 @@ class MasterMetrics(Collector):
 
 
 class WorkerSamples(MultiProcessCollector):
-    """Every live worker's sample files and the dead workers' totals, merged.
+    """Every live worker's sample files, the dead workers' totals and the master's own counts,
+    merged.
 
     A file shorter than its 8-byte header is skipped: prometheus_client's MmapedDict creates a
     file empty and only then sizes it, and a scrape in that instant failed whole with
@@ -118,7 +121,9 @@ class WorkerSamples(MultiProcessCollector):
             listed = self._list()
             live = self._live()
             self._listed = {name for name in listed if name[1] in live}
-            return self.merge(list(listed.values()), accumulate=True)
+            metrics = MultiProcessCollector._read_metrics(list(listed.values()))
+        add_held(metrics, sample_files.held())
+        return MultiProcessCollector._accumulate_metrics(metrics, accumulate=True)
 
     def _live(self) -> set[str]:
         return {str(pid) for pid in list(self.server.WORKERS)}  # list(): one step, as the arbiter changes it
@@ -144,6 +149,18 @@ class WorkerSamples(MultiProcessCollector):
             if not missing or time.monotonic() > deadline:
                 return
             time.sleep(0.05)
+
+
+def add_held(metrics: dict[str, Metric], held) -> None:
+    """The master's own counts (sample_files.held), added as one more process's samples to
+    what prometheus_client's _read_metrics made of the files (the step its `merge` takes
+    before accumulating), so they are summed with the workers' as if they had a file."""
+    for prefix, key, value in held:
+        metric_name, name, labels, help_text = json.loads(key)
+        metric = metrics.get(metric_name)
+        if metric is None:
+            metric = metrics[metric_name] = Metric(metric_name, help_text, prefix)
+        metric.add_sample(name, tuple(sorted(labels.items())), value)
 
 
 def start(server, *, bind: str, version: str):

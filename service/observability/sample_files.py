@@ -9,8 +9,8 @@ the scrape time grow with every crash. Here:
 
 - `FileValue` (installed by `install`, from deploy/gunicorn.conf.py before any metric exists)
   keeps values in memory and writes files only in the process that called `start`: a worker,
-  right after the fork. The master writes none; its own counts are its collector's
-  (master_metrics.py).
+  right after the fork. The master writes none; its own counts (`held`) are added to the scrape
+  by its collector (master_metrics.py).
 - `repair`, called by the worker's sampler every second, rewrites each of its files that is gone
   (an operator cleaning /run, a tmpfiles rule) with the values it holds in memory, so its counters
   go on from where they were instead of vanishing.
@@ -44,11 +44,11 @@ _writer: int | None = None  # the pid that called `start`; any other process (th
 
 
 def install() -> None:
-    """Make every metric created from now on use FileValue, when samples go to files (the
-    directory is set). Before the first metric is created: one created earlier keeps
-    prometheus_client's own value, which writes files in whatever process creates it."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        values.ValueClass = FileValue
+    """Make every metric created from now on use FileValue. deploy/gunicorn.conf.py calls it
+    first, before anything can create a metric (one created earlier keeps prometheus_client's
+    own value, which writes files in whatever process creates it), and then sets
+    PROMETHEUS_MULTIPROC_DIR if the launcher did not: `start` needs it, not this."""
+    values.ValueClass = FileValue
 
 
 def start() -> None:
@@ -86,6 +86,19 @@ def repair() -> list[str]:
             extra={"event": "metrics_files_rewritten", "files": rewritten},
         )
     return rewritten
+
+
+COUNTS = ("counter", "histogram", "summary")
+
+
+def held() -> list[tuple[str, str, float]]:
+    """(prefix, key, value) of the counts this process holds without writing them to a file:
+    the master's (log lines it failed to write, say), which its collector adds to the scrape.
+    Nothing in a worker, whose counts are in its files. Gauges are left out: the master's are
+    what it set before forking, and every worker carries them."""
+    if _writer == os.getpid():
+        return []
+    return [(v._prefix, v._key, v._value) for v in list(_values) if v._prefix in COUNTS]
 
 
 class _File:
