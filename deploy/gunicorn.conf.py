@@ -17,8 +17,15 @@ import sys
 import tempfile
 import types
 
-import logging_conf
-from service.settings import Settings, SettingsError
+# First, before anything can create a metric (logging_conf's, the app's when it is preloaded):
+# values are written to files only by workers, from their start; the master writes none
+# (service/observability/sample_files.py).
+from service.observability import sample_files
+
+sample_files.install()
+
+import logging_conf  # noqa: E402
+from service.settings import Settings, SettingsError  # noqa: E402
 
 try:
     _settings = Settings.from_env()
@@ -32,7 +39,7 @@ except SettingsError as exc:
 _master = sys.modules.setdefault("_flaskapi_gunicorn_master", types.ModuleType("_flaskapi_gunicorn_master"))
 _reloading = getattr(_master, "pid", None) == os.getpid()
 
-# Before anything imports prometheus_client, which reads this variable once at import.
+# Before a worker starts (sample_files.start reads it), and before anything else reads it.
 if not _reloading:
     _master.private_metrics_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

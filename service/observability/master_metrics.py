@@ -1,6 +1,7 @@
 """The gunicorn master's metrics endpoint (METRICS_BIND).
 
-It serves every worker's multiprocess samples merged, plus what only the master knows: worker
+It serves every live worker's multiprocess samples and the dead workers' totals
+(sample_files.py) merged, plus what only the master knows: worker
 exits and restarts, each live worker's memory and CPU (multiprocess mode has no process
 collector), build info, and whether the database answers.
 
@@ -13,10 +14,12 @@ the response headers every answer of the service carries (security_headers.py).
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import socket
 import threading
+import time
 from collections import Counter as Tally
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, make_server
 
@@ -24,9 +27,12 @@ import psutil
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from service.observability import sample_files
+from service.observability.sample_files import DeadWorkers
 from service.observability.worker_exits import STOPPED
 from service.security_headers import SecurityHeaders
 
@@ -87,25 +93,74 @@ class MasterMetrics(Collector):
 
 
 class WorkerSamples(MultiProcessCollector):
-    """Every worker's sample files merged, less those still being created.
+    """Every live worker's sample files, the dead workers' totals and the master's own counts,
+    merged.
 
-    prometheus_client's MmapedDict creates a file empty and only then sizes it and writes its
-    header; a scrape in that instant read an empty file and the whole collection failed with
-    struct.error, a 500 for every series (seen while a master started its workers). A file
-    shorter than its 8-byte header holds no sample yet, and files only grow: skipping it loses
-    nothing, and the next scrape reads it whole."""
+    A file shorter than its 8-byte header is skipped: prometheus_client's MmapedDict creates a
+    file empty and only then sizes it, and a scrape in that instant failed whole with
+    struct.error, a 500 for every series (seen while a master started its workers); files only
+    grow, so the next scrape reads it whole.
 
-    HEADER_BYTES = 8
+    A live worker's file that was listed at the previous scrape and is gone now (an operator
+    cleaning the directory) is waited for, up to REWRITE_WAIT: the worker rewrites it within a
+    second (sample_files.repair), and a scrape without it would show its counters dropping, a
+    reset to Prometheus, and their return as that many new requests."""
+
+    REWRITE_WAIT = 2.5  # seconds: two rounds of the workers' sampler (metrics.SAMPLE_SECONDS)
+
+    def __init__(self, registry, server, dead: DeadWorkers) -> None:
+        super().__init__(registry)
+        self.server = server
+        self.dead = dead
+        self._listed: set[tuple[str, str]] = set()  # (prefix, pid) of the live workers' files last read
 
     def collect(self):
-        files = []
+        self._wait_for_rewrites()
+        with self.dead.lock:
+            self.dead.restore()
+            listed = self._list()
+            live = self._live()
+            self._listed = {name for name in listed if name[1] in live}
+            metrics = MultiProcessCollector._read_metrics(list(listed.values()))
+        add_held(metrics, sample_files.held())
+        return MultiProcessCollector._accumulate_metrics(metrics, accumulate=True)
+
+    def _live(self) -> set[str]:
+        return {str(pid) for pid in list(self.server.WORKERS)}  # list(): one step, as the arbiter changes it
+
+    def _list(self) -> dict[tuple[str, str], str]:
+        """(prefix, pid) -> path of every sample file that holds at least its header."""
+        files = {}
         for path in glob.glob(os.path.join(self._path, "*.db")):
             try:
-                if os.stat(path).st_size >= self.HEADER_BYTES:
-                    files.append(path)
-            except FileNotFoundError:  # removed since listed (a dead worker's live gauge)
+                if os.stat(path).st_size < sample_files.HEADER_BYTES:
+                    continue
+            except FileNotFoundError:  # removed since listed
                 continue
-        return self.merge(files, accumulate=True)
+            prefix, _, pid = os.path.basename(path)[: -len(".db")].rpartition("_")
+            files[(prefix, pid)] = path
+        return files
+
+    def _wait_for_rewrites(self) -> None:
+        deadline = time.monotonic() + self.REWRITE_WAIT
+        while True:
+            live = self._live()
+            missing = {name for name in self._listed if name[1] in live} - self._list().keys()
+            if not missing or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
+def add_held(metrics: dict[str, Metric], held) -> None:
+    """The master's own counts (sample_files.held), added as one more process's samples to
+    what prometheus_client's _read_metrics made of the files (the step its `merge` takes
+    before accumulating), so they are summed with the workers' as if they had a file."""
+    for prefix, key, value in held:
+        metric_name, name, labels, help_text = json.loads(key)
+        metric = metrics.get(metric_name)
+        if metric is None:
+            metric = metrics[metric_name] = Metric(metric_name, help_text, prefix)
+        metric.add_sample(name, tuple(sorted(labels.items())), value)
 
 
 def start(server, *, bind: str, version: str):
@@ -113,7 +168,7 @@ def start(server, *, bind: str, version: str):
     master's collector (for the exit counts) and the HTTP server (to shut down)."""
     host, _, port = bind.rpartition(":")
     registry = CollectorRegistry()
-    WorkerSamples(registry)
+    WorkerSamples(registry, server, dead_workers())
     collector = MasterMetrics(server, version=version, database_probe=database_probe(server))
     registry.register(collector)
     httpd = serve(SecurityHeaders(make_wsgi_app(registry)), host or "127.0.0.1", int(port))
@@ -158,27 +213,52 @@ def serve(app, host: str, port: int):
 
     class Server(ThreadingWSGIServer):
         address_family = family
+        # socketserver listens with a backlog of 5: of 200 scrapes connecting at once, some
+        # waited for the kernel's SYN retry (1 s and more).
+        request_queue_size = socket.SOMAXCONN
 
     httpd = make_server(sockaddr[0], port, app, Server, handler_class=_Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     return httpd
 
 
+_dead_workers: sample_files.DeadWorkers | None = None
+
+
+def dead_workers() -> sample_files.DeadWorkers:
+    """The master's totals of its dead workers' samples (one per master)."""
+    global _dead_workers
+    if _dead_workers is None:
+        _dead_workers = sample_files.DeadWorkers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    return _dead_workers
+
+
 def worker_gone(pid: int) -> None:
-    """A reaped worker's live gauges stop counting in the merged samples."""
-    mark_process_dead(pid)
+    """A reaped worker's counters and histograms join the dead workers' totals, its gauges stop
+    counting, and its files are deleted (the directory does not grow with crashes). Never
+    raises: it runs in the arbiter's loop, which an exception would stop."""
+    try:
+        dead_workers().fold(pid)
+    except Exception:  # a full disk, an unwritable directory: its files stay, counted as they are
+        log.exception(
+            "metrics: cannot fold the samples of worker %d; its files stay",
+            pid,
+            extra={"event": "metrics_files_unwritable", "worker_pid": pid},
+        )
 
 
 def database_probe(server):
     """A check of the app's database with a throwaway connection (never a pooled one: the
-    master forks workers, and a pooled connection would be shared with them)."""
+    master forks workers, and a pooled connection would be shared with them). Scrapes that
+    arrive while a check runs share its answer: a burst of 200 scrapes opens a connection or
+    two, not 200 (more than the database's max_connections)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
     uri = server.app.wsgi().config["SQLALCHEMY_DATABASE_URI"]
     engine = create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 1})
 
-    def probe() -> bool:
+    def check() -> bool:
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -186,4 +266,32 @@ def database_probe(server):
         except Exception:  # any failure means "not up" for the gauge
             return False
 
-    return probe
+    return SharedCheck(check)
+
+
+class SharedCheck:
+    """`check()` run by one caller at a time; callers that arrive meanwhile wait and take its
+    answer (one that began before they arrived, so never older than one check)."""
+
+    def __init__(self, check) -> None:
+        self.check = check
+        self._done = threading.Condition()
+        self._running = False
+        self._round = 0
+        self._answer = False
+
+    def __call__(self) -> bool:
+        with self._done:
+            if self._running:
+                round_ = self._round
+                self._done.wait_for(lambda: self._round != round_)
+                return self._answer
+            self._running = True
+        answer = False
+        try:
+            answer = self.check()
+        finally:
+            with self._done:
+                self._running, self._answer, self._round = False, answer, self._round + 1
+                self._done.notify_all()
+        return answer

@@ -5,7 +5,9 @@ prometheus_client runs in multiprocess mode: every worker writes its samples to 
 PROMETHEUS_MULTIPROC_DIR and the gunicorn master serves them merged on METRICS_BIND
 (master_metrics.py), so values are summed across workers and the public port never exposes
 them. PROMETHEUS_MULTIPROC_DIR must be set before Python starts (the launcher wipes it);
-without it, as under `flask run` or in-process tests, recording is off.
+without it, as under `flask run` or in-process tests, recording is off. Only workers write
+files, and they rewrite them if removed; the master folds a dead worker's into totals
+(sample_files.py, docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ UNHANDLED = Counter(
     "Requests answered 500 because of an unexpected exception",
     registry=None,
 )
+# A worker whose sample files were removed (an operator cleaning /run) rewrites them within a
+# second (sample_files.repair) and counts them here, in the files it just rewrote.
+FILES_REWRITTEN = Counter(
+    "flaskapi_metrics_files_rewritten_total",
+    "Sample files a worker found removed and rewrote with its current values",
+    registry=None,
+)
 
 
 SAMPLE_SECONDS = 1.0
@@ -105,11 +114,13 @@ def init_app(app: Flask, settings) -> None:
 
 
 def worker_started() -> None:
-    """In each worker right after the fork (gunicorn's post_fork): its pool's capacity counts
-    from the start, and the sampler starts. Never in the master, whose files would count as
-    one more live process. Called only when the master serves metrics (gunicorn_hooks.py)."""
-    from service.observability import pool_metrics
+    """In each worker right after the fork (gunicorn's post_fork): it starts writing its sample
+    files, its pool's capacity counts from the start, and the sampler starts. Never in the
+    master, whose files would count as one more live process. Called only when the master
+    serves metrics (gunicorn_hooks.py)."""
+    from service.observability import pool_metrics, sample_files
 
+    sample_files.start()
     pool_metrics.worker_started()
     threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
@@ -118,10 +129,27 @@ def _sample_forever() -> None:
     """The gauges that change on every request (requests in flight, connections checked out)
     are read here once every SAMPLE_SECONDS instead of written on every change: a gauge is only
     ever seen at scrape time anyway, and writing each change to the multiprocess files costs
-    four writes under one process-wide lock per request (~15 us, measured)."""
-    from service.observability import pool_metrics
+    four writes under one process-wide lock per request (~15 us, measured). Each round also
+    rewrites this worker's sample files if they were removed (sample_files.repair)."""
+    from service.observability import pool_metrics, sample_files
 
+    failing = False
     while True:
         IN_PROGRESS.set(len(_serving))
         pool_metrics.sample()
+        try:
+            rewritten = sample_files.repair()
+        except OSError as exc:  # the directory unwritable, the disk full: tried again each round
+            if not failing:
+                log.error(
+                    "metrics sample files of worker %d are gone and cannot be rewritten: %s",
+                    os.getpid(),
+                    exc,
+                    extra={"event": "metrics_files_unwritable"},
+                )
+            failing = True
+        else:
+            failing = False
+            if rewritten:
+                FILES_REWRITTEN.inc(len(rewritten))
         time.sleep(SAMPLE_SECONDS)
