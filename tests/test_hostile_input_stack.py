@@ -13,8 +13,7 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, text
 
-from bench.harness.environment import stack_env
-from bench.harness.gunicorn import Gunicorn
+from bench.harness.gunicorn import serving
 
 pytestmark = pytest.mark.stack
 
@@ -25,12 +24,8 @@ ERROR_KEYS = {"status", "code", "message", "details", "request_id"}
 
 @pytest.fixture(scope="module")
 def stack(migrated_database, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("hostile")
-    env = stack_env(migrated_database("test_hostile"), data_dir, LOG_CONSOLE="0")
-    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        stack.wait_for_workers()
-        stack.data_dir = data_dir
-        engine = create_engine(env["DB_URI"])
+    with serving(migrated_database("test_hostile"), tmp_path_factory.mktemp("hostile"), workers=WORKERS) as stack:
+        engine = create_engine(stack.db_uri)
 
         def rows() -> tuple[int, int]:
             with engine.connect() as conn:

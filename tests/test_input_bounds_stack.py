@@ -19,8 +19,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from bench.harness.environment import stack_env
-from bench.harness.gunicorn import Gunicorn
+from bench.harness.gunicorn import serving
 from bench.harness.polling import wait_for
 from bench.harness.scrape import scrape
 from service import create_app
@@ -36,12 +35,7 @@ IO_TIMEOUT = 30.0  # per socket operation: a hang fails the test instead of bloc
 
 @pytest.fixture(scope="module")
 def stack(migrated_database, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("bounds")
-    env = stack_env(migrated_database("test_bounds"), data_dir, LOG_CONSOLE="0")
-    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        stack.wait_for_workers()
-        stack.db_uri = env["DB_URI"]
-        stack.data_dir = data_dir
+    with serving(migrated_database("test_bounds"), tmp_path_factory.mktemp("bounds"), workers=WORKERS) as stack:
         yield stack
 
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from bench.harness.environment import stack_env
-from bench.harness.gunicorn import Gunicorn
+from bench.harness.gunicorn import Gunicorn, serving
 from bench.harness.polling import wait_for
 from bench.harness.scrape import has_metric, metric, scrape
 from bench.harness.sentry_receiver import SentryReceiver
@@ -78,53 +78,49 @@ def send(stack, prefix: str, count: int, path: str = "/books/") -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(migrated_database, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("logfile")
-    env = stack_env(migrated_database("test_log_faults"), data_dir, LOG_CONSOLE="0")
-    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        stack.wait_for_workers()
-        stack.log = data_dir / "logs" / "app.log"
+    with serving(migrated_database("test_log_faults"), tmp_path_factory.mktemp("logfile"), workers=WORKERS) as stack:
         yield stack
 
 
 def test_a_deleted_log_file_is_reopened_by_every_process(stack):
     send(stack, "before-delete", 5)
-    deleted = identity(stack.log)
+    deleted = identity(stack.log_file)
     pids = gunicorn_pids(stack)
     assert holding(pids, deleted) == pids  # the master and each worker write to it
-    stack.log.unlink()
+    stack.log_file.unlink()
     deleted_at = time.monotonic()
 
     # Requests sent in the first second may still go to the deleted file (the path is looked at
     # once a second): send until one of them arrives in a new app.log.
     def one_arrived() -> bool:
-        return bool(set(send(stack, "probe-delete", 1)) & access_ids(stack.log))
+        return bool(set(send(stack, "probe-delete", 1)) & access_ids(stack.log_file))
 
     wait_for(one_arrived, "an access line in a new app.log after deleting it", timeout=60, interval=0.2)
     # every process, the master too, which logs nothing here, lets go of the deleted file
     wait_for(lambda: not holding(pids, deleted), "every gunicorn process to close the deleted app.log", timeout=60)
     print(f"deleted app.log: every process reopened and let go of it in {time.monotonic() - deleted_at:.1f} s")
     ids = send(stack, "after-delete", 30)
-    wait_for(lambda: set(ids) <= access_ids(stack.log), "every access line in the new app.log", timeout=30)
-    assert set(holding(pids, identity(stack.log))) == set(pids)
+    wait_for(lambda: set(ids) <= access_ids(stack.log_file), "every access line in the new app.log", timeout=30)
+    assert set(holding(pids, identity(stack.log_file))) == set(pids)
 
 
 def test_a_log_file_replaced_by_another_is_reopened_by_every_process(stack):
     send(stack, "before-replace", 5)
-    old = identity(stack.log)
+    old = identity(stack.log_file)
     pids = gunicorn_pids(stack)
-    moved = stack.log.with_name("moved-away.log")
-    os.rename(stack.log, moved)  # logrotate without copytruncate does this
-    other = stack.log.with_name("incoming.log")
+    moved = stack.log_file.with_name("moved-away.log")
+    os.rename(stack.log_file, moved)  # logrotate without copytruncate does this
+    other = stack.log_file.with_name("incoming.log")
     other.write_text(json.dumps({"message": "the replacement's own first line"}) + "\n")
-    os.rename(other, stack.log)
-    replacement = identity(stack.log)
+    os.rename(other, stack.log_file)
+    replacement = identity(stack.log_file)
 
     wait_for(lambda: not holding(pids, old), "every gunicorn process to close the replaced app.log", timeout=60)
     assert set(holding(pids, replacement)) == set(pids)
     ids = send(stack, "after-replace", 30)
-    wait_for(lambda: set(ids) <= access_ids(stack.log), "the access lines in the replacement", timeout=30)
+    wait_for(lambda: set(ids) <= access_ids(stack.log_file), "the access lines in the replacement", timeout=30)
     assert not set(ids) & access_ids(moved)
-    assert stack.log.read_text().splitlines()[0] == json.dumps({"message": "the replacement's own first line"})
+    assert stack.log_file.read_text().splitlines()[0] == json.dumps({"message": "the replacement's own first line"})
     # nothing was lost, and the series are there (at 0) for an alert to watch
     samples = scrape(stack.metrics_url)
     assert has_metric(samples, "flaskapi_log_write_errors_total")

@@ -13,8 +13,7 @@ import uuid
 import pytest
 import requests
 
-from bench.harness.environment import stack_env
-from bench.harness.gunicorn import Gunicorn
+from bench.harness.gunicorn import serving
 from bench.harness.polling import wait_for
 from tests.test_logging import unsafe_characters
 
@@ -27,11 +26,7 @@ NO_VERSION = re.compile(r"[A-Za-z-]+")  # a name, no "/1.2.3", no "CPython/3.11"
 
 @pytest.fixture(scope="module")
 def stack(migrated_database, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("output")
-    env = stack_env(migrated_database("test_output"), data_dir, LOG_CONSOLE="0")
-    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
-        stack.wait_for_workers()
-        stack.log_file = data_dir / "logs" / "app.log"
+    with serving(migrated_database("test_output"), tmp_path_factory.mktemp("output"), workers=WORKERS) as stack:
         yield stack
 
 

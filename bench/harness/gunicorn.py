@@ -4,13 +4,14 @@ the private, empty multiprocess metrics directory a launcher must give every sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness.environment import ROOT, free_port
+from bench.harness.environment import ROOT, free_port, stack_env
 from bench.harness.polling import wait_for
 from bench.harness.process import ManagedProcess
 from bench.harness.scrape import metric, scrape
@@ -59,3 +60,17 @@ class Gunicorn(ManagedProcess):
         code = super().stop(timeout)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)  # as systemd's RuntimeDirectory is
         return code
+
+
+@contextlib.contextmanager
+def serving(uri: str, data_dir: Path, *, workers: int = 3, **env: str):
+    """A production-mode stack on database `uri`, its data and logs under `data_dir`, yielded once
+    every worker is up: what the real-stack test modules share. Logs go to files only unless
+    `LOG_CONSOLE` is given. The stack carries `data_dir`, `db_uri` and `log_file` (app.log)."""
+    settings = stack_env(uri, data_dir, **{"LOG_CONSOLE": "0", **env})
+    with Gunicorn(settings, workers=workers, log_path=data_dir / "gunicorn.out") as stack:
+        stack.wait_for_workers()
+        stack.data_dir = data_dir
+        stack.db_uri = settings["DB_URI"]
+        stack.log_file = data_dir / "logs" / "app.log"
+        yield stack
