@@ -251,12 +251,13 @@ def database_probe(server):
     """A check of the app's database with a throwaway connection (never a pooled one: the
     master forks workers, and a pooled connection would be shared with them). Scrapes that
     arrive while a check runs share its answer: a burst of 200 scrapes opens a connection or
-    two, not 200 (more than the database's max_connections)."""
+    two, not 200 (more than the database's max_connections). A scrape waits for it at most
+    DB_PING_TIMEOUT_MS, as /readyz does: a frozen database is "not up", never a hung scrape."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
-    uri = server.app.wsgi().config["SQLALCHEMY_DATABASE_URI"]
-    engine = create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 1})
+    config = server.app.wsgi().config
+    engine = create_engine(config["SQLALCHEMY_DATABASE_URI"], poolclass=NullPool, connect_args={"connect_timeout": 1})
 
     def check() -> bool:
         try:
@@ -266,15 +267,19 @@ def database_probe(server):
         except Exception:  # any failure means "not up" for the gauge
             return False
 
-    return SharedCheck(check)
+    return SharedCheck(check, wait_seconds=config["APP_SETTINGS"].db_ping_timeout_ms / 1000)
 
 
 class SharedCheck:
-    """`check()` run by one caller at a time; callers that arrive meanwhile wait and take its
-    answer (one that began before they arrived, so never older than one check)."""
+    """`check()` run by one thread at a time; a caller that arrives meanwhile takes the answer
+    of the check running then (one that began before it arrived, so never older than one check).
+    Each caller waits at most `wait_seconds` and then answers False: a check the database never
+    answers (frozen server, a connection black-holed after connect) stays one stuck thread, and
+    every scrape still answers on time; the next check starts once that one returns."""
 
-    def __init__(self, check) -> None:
+    def __init__(self, check, *, wait_seconds: float) -> None:
         self.check = check
+        self.wait_seconds = wait_seconds
         self._done = threading.Condition()
         self._running = False
         self._round = 0
@@ -282,11 +287,14 @@ class SharedCheck:
 
     def __call__(self) -> bool:
         with self._done:
-            if self._running:
-                round_ = self._round
-                self._done.wait_for(lambda: self._round != round_)
-                return self._answer
-            self._running = True
+            round_ = self._round
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="database-probe", daemon=True).start()
+            finished = self._done.wait_for(lambda: self._round != round_, timeout=self.wait_seconds)
+            return self._answer if finished else False
+
+    def _run(self) -> None:
         answer = False
         try:
             answer = self.check()
@@ -294,4 +302,3 @@ class SharedCheck:
             with self._done:
                 self._running, self._answer, self._round = False, answer, self._round + 1
                 self._done.notify_all()
-        return answer
