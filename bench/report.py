@@ -57,8 +57,18 @@ def annotation_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return [(a.get("name", ""), a["expr"]) for a in dashboard.get("annotations", {}).get("list", []) if a.get("expr")]
 
 
-def substitute(expr: str, *, rate_interval: str, interval: str, range_: str) -> str:
-    return expr.replace("$__rate_interval", rate_interval).replace("$__interval", interval).replace("$__range", range_)
+# The dashboard's template variables as the report (one app host, the demo's jobs) fills them.
+VARIABLES = {"job": "flaskapi", "instance": ".+"}
+
+
+def substitute(
+    expr: str, *, rate_interval: str, interval: str, range_: str, variables: dict[str, str] | None = None
+) -> str:
+    """Grafana's macros and the dashboard's variables (`$job` or `${job}`, used as `=~` regexes)."""
+    expr = expr.replace("$__rate_interval", rate_interval).replace("$__interval", interval).replace("$__range", range_)
+    for name, value in {**VARIABLES, **(variables or {})}.items():
+        expr = re.sub(r"\$\{" + name + r"\}|\$" + name + r"\b", value, expr)
+    return expr
 
 
 def legend(template: str, labels: dict) -> str:
