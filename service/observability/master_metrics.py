@@ -63,15 +63,19 @@ class MasterMetrics(Collector):
         counts the exit and keeps the moment the worker was missing."""
         self.exits[cause] += 1
         with self._dips_lock:
+            self._forget_old_dips()  # bounded even if nothing scrapes during a crash loop
             self._dips.append((time.monotonic(), len(self.server.WORKERS)))
 
     def lowest_alive(self, alive: int) -> int:
         """Fewest workers alive over the last LOWEST_WINDOW_SECONDS, `alive` (now) included."""
-        horizon = time.monotonic() - LOWEST_WINDOW_SECONDS
         with self._dips_lock:
-            while self._dips and self._dips[0][0] < horizon:
-                self._dips.popleft()
+            self._forget_old_dips()
             return min([alive] + [count for _, count in self._dips])
+
+    def _forget_old_dips(self) -> None:
+        horizon = time.monotonic() - LOWEST_WINDOW_SECONDS
+        while self._dips and self._dips[0][0] < horizon:
+            self._dips.popleft()
 
     def collect(self):
         info = GaugeMetricFamily(
