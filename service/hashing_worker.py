@@ -16,8 +16,9 @@ closes it):
 3. Queue full: the request is shed at once, on its request thread. Waited too long, or the
    worker is ending its graceful stop: the main loop's periodic timeout sweep (`murder_pending`,
    at least once a second) sheds it on a request thread, so a hashing thread stuck in a slow
-   request cannot delay a 503. Shedding runs the app with the verdict (hashing_bulkhead.shedding):
-   the app answers 503 auth_busy before any view.
+   request cannot delay a 503 (a hashing thread that takes an overdue one first answers it
+   itself). Shedding runs the app with the verdict (hashing_bulkhead.shedding): the app answers
+   503 auth_busy before any view.
 
 A queued request whose client has closed its connection is dropped when its turn comes, before
 anything is hashed (flaskapi_hash_abandoned_total): behind nginx that is a request nginx gave up
@@ -173,8 +174,8 @@ class HashingBulkheadWorker(ThreadWorker):
                 conn.parser = conn.parser.parser
 
     def shed(self, conn, req, shed: Shed) -> None:
-        """Answer a request taken off the queue 503, on a request thread (from the main loop's
-        sweep, or a hashing thread that took an overdue one first)."""
+        """From the main loop's sweep: answer a request taken off the queue 503, on a request
+        thread."""
         self._on_request_thread(self.serve_again, conn, req, shed)
 
     def murder_pending(self) -> None:
@@ -343,26 +344,28 @@ class HashingQueue:
                 if self._closed:
                     return
                 entry, verdict = self._take(time.monotonic())
-            if verdict is not None:  # overdue, and the main loop's sweep has not got to it yet
-                self.worker.shed(entry.conn, entry.req, verdict)
+            if verdict is not None:
+                # Overdue, and the main loop's sweep has not got to it yet: its 503 costs no
+                # hash, so it is answered here. (Never handed to the request threads from here:
+                # a request thread the pool started from this thread would inherit its priority.)
+                self._run(entry, verdict)
             elif _client_gone(entry.conn):
                 ABANDONED.inc()
                 self.worker.finish(entry.conn, _finished(False))
             else:
-                self._serve(entry)
+                IN_PROGRESS.inc()
+                try:
+                    self._run(entry)
+                finally:
+                    IN_PROGRESS.dec()
 
-    def _serve(self, entry: _Waiting) -> None:
-        IN_PROGRESS.inc()
+    def _run(self, entry: _Waiting, shed: Shed | None = None) -> None:
         try:
-            result = self.worker.serve_again(entry.conn, entry.req)
+            future = _finished(self.worker.serve_again(entry.conn, entry.req, shed))
         except Exception as exc:  # handle() answers everything; a failure here must not end the thread
             log.exception("hashing thread failed to serve a request", extra={"event": "hash_serve_failed"})
-            future: Future = Future()
+            future = Future()
             future.set_exception(exc)
-        else:
-            future = _finished(result)
-        finally:
-            IN_PROGRESS.dec()
         self.worker.finish(entry.conn, future)
 
     def _lower_priority(self) -> None:
