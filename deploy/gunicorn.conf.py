@@ -5,7 +5,8 @@ Everything is read from the environment so one file serves them all:
                       clients reach (nginx buffers requests; a slow client holds a gunicorn thread)
     WEB_CONCURRENCY   worker processes; default cores + 1 (the lesson's rule; more processes than
                       that measured slower on 2 cores)
-    GUNICORN_THREADS  threads per worker: 4 (gthread, the default, chosen by `make bench`); 1 = sync
+    GUNICORN_THREADS  threads per worker: 4 (gthread, the default, chosen by `make bench`, with the
+                      hashing bulkhead: HASH_THREADS more per worker); 1 = sync
     GUNICORN_TIMEOUT  seconds a worker may stay silent before the master kills it
     METRICS_BIND      127.0.0.1:9200: merged Prometheus metrics of all workers, served by the master
     PROMETHEUS_MULTIPROC_DIR  where workers write samples; the launcher (make run, systemd, the
@@ -68,8 +69,11 @@ threads = _settings.gunicorn_threads
 # list request; in one saturation run list 2,033 against 2,336 req/s sync, create 1,530 against
 # 1,264), and a worker that dies takes its in-flight requests (up to `threads`) with it, where
 # a sync worker loses one.
-# GUNICORN_THREADS=1 gives sync workers.
-worker_class = "gthread" if threads > 1 else "sync"
+# gthread's worker with the hashing bulkhead (service/hashing_bulkhead.py): registrations and
+# logins wait for HASH_THREADS low-priority threads per worker without holding a request thread,
+# so the hashes of a login burst cannot starve the book requests of threads or CPU.
+# GUNICORN_THREADS=1 gives sync workers (no bulkhead: each request hashes on its process).
+worker_class = "service.hashing_worker.HashingBulkheadWorker" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
 # Longer than any client's pause between requests (the lesson's users wait up to 4 s): a

@@ -40,6 +40,7 @@ def create_app(config: Mapping[str, object] | None = None) -> APIFlask:
     register_throttle(app, settings)
     register_observability(app, settings)
     register_blueprints(app, settings)
+    register_hashing_bulkhead(app)
     register_json(app)
     register_request_guards(app)
     register_errorhandlers(app)
@@ -149,6 +150,15 @@ def register_blueprints(app: APIFlask, settings: Settings) -> None:
     @app.doc(summary="Service index")
     def index():
         return {"service": "flaskapi-observability", "version": settings.version, **documented}
+
+
+def register_hashing_bulkhead(app: APIFlask) -> None:
+    """The 503 auth_busy of a hashing request the gunicorn worker sheds, answered before any
+    view, after the request id and the metrics' hooks (service/hashing_bulkhead.py). After the
+    blueprints, whose routes it reads."""
+    from service import hashing_bulkhead
+
+    hashing_bulkhead.init_app(app)
 
 
 def register_json(app: APIFlask) -> None:

@@ -124,14 +124,24 @@ class Watchdog:
         self._wake_at = math.inf
         self._thread: threading.Thread | None = None
 
+    def start(self) -> None:
+        """Start the thread now rather than at the first round trip: a thread inherits the CPU
+        priority of the thread that starts it, and the hashing bulkhead's threads run at a lower
+        one (service/hashing_worker.py)."""
+        with self._cond:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="db-deadline-watchdog", daemon=True)
+            self._thread.start()
+
     def arm(self, fd: int, seconds: float) -> _Timer:
         timer = _Timer(time.monotonic() + seconds, os.dup(fd))
         self._armed[id(timer)] = timer
         if timer.deadline < self._wake_at:  # sooner than the watchdog looks next (or not started)
             with self._cond:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="db-deadline-watchdog", daemon=True)
-                    self._thread.start()
+                self._start_locked()
                 self._cond.notify()
         return timer
 

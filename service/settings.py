@@ -42,7 +42,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {value!r}")
 
 
-def _number(env: Mapping[str, str], name: str, default, minimum, parse, kind: str):
+def _number(env: Mapping[str, str], name: str, default, minimum, parse, kind: str, maximum=None):
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -50,17 +50,28 @@ def _number(env: Mapping[str, str], name: str, default, minimum, parse, kind: st
         value = parse(raw)
     except ValueError:
         raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+    if not math.isfinite(value):  # float("nan") compares false with every bound, float("inf") passes them
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    return _number(env, name, default, minimum, int, "an integer")
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    return _number(env, name, default, minimum, int, "an integer", maximum)
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
     return _number(env, name, default, minimum, float, "a number")
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {value}")
+    return value
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...], *, upper: bool = True) -> str:
@@ -133,6 +144,10 @@ class Settings:
     sentry_environment: str | None
     sentry_traces_sample_rate: float
     gunicorn_threads: int
+    hash_threads: int
+    hash_queue_max: int
+    hash_queue_timeout: float
+    hash_nice: int
     trusted_proxies: int
     throttle_enabled: bool
     throttle_register_limit: int
@@ -176,6 +191,8 @@ class Settings:
         production = flask_env == "production"
         data_dir = Path(env.get("DATA_DIR") or PROJECT_ROOT / ".data")
         threads = _int(env, "GUNICORN_THREADS", 4, minimum=1)
+        # The hashing bulkhead's threads (service/hashing_bulkhead.py): gthread workers only.
+        hash_threads = _int(env, "HASH_THREADS", 1, minimum=1)
 
         database_uri = env.get("DB_URI") or env.get("DATABASE_URL") or None
         if database_uri:
@@ -203,8 +220,9 @@ class Settings:
             jwt_audience=env.get("JWT_AUDIENCE") or "flaskapi-observability-api",
             data_dir=data_dir,
             # A request holds at most one connection at a time and never while hashing, so one
-            # connection per worker thread is enough; a pool that size cannot run dry.
-            pool_size=_int(env, "DB_POOL_SIZE", threads, minimum=1),
+            # connection per thread that serves requests (the request threads, and with gthread
+            # the hashing threads) is enough; a pool that size cannot run dry.
+            pool_size=_int(env, "DB_POOL_SIZE", threads + (hash_threads if threads > 1 else 0), minimum=1),
             max_overflow=_int(env, "DB_MAX_OVERFLOW", 0, minimum=0),
             pool_timeout=_float(env, "DB_POOL_TIMEOUT", 3.0, minimum=0.1),
             pool_recycle=_int(env, "DB_POOL_RECYCLE", 1800, minimum=0),
@@ -248,6 +266,14 @@ class Settings:
             # Off by default: tracing even 5 % of requests cost ~8 % throughput here (bench/).
             sentry_traces_sample_rate=_float(env, "SENTRY_TRACES_SAMPLE_RATE", 0.0, minimum=0.0),
             gunicorn_threads=threads,
+            # The hashing bulkhead (service/hashing_bulkhead.py, docs/settings.md): per worker, the
+            # hashing threads, how many hashing requests may wait for them and for how long (below
+            # nginx's proxy_read_timeout of 35 s, so the client reads our 503, not nginx's 504), and
+            # how much lower their CPU priority is than the request threads'.
+            hash_threads=hash_threads,
+            hash_queue_max=_int(env, "HASH_QUEUE_MAX", 256, minimum=1),
+            hash_queue_timeout=_positive_float(env, "HASH_QUEUE_TIMEOUT", 30.0),
+            hash_nice=_int(env, "HASH_NICE", 10, minimum=0, maximum=19),
             trusted_proxies=_int(env, "TRUSTED_PROXIES", 0, minimum=0),
             # Brute-force and abuse limits (service/auth/throttle.py, docs/api.md). The address
             # caps leave the lesson's load test (1,000 users registering and logging in from one

@@ -56,6 +56,11 @@ VARIABLES = (
     "LOG_BACKUP_COUNT",
     "LOG_GZIP",
     "LOG_CONSOLE",
+    "GUNICORN_THREADS",
+    "HASH_THREADS",
+    "HASH_QUEUE_MAX",
+    "HASH_QUEUE_TIMEOUT",
+    "HASH_NICE",
 )
 
 
@@ -296,6 +301,15 @@ def test_database_url_from_real_environment(production, database_uri, monkeypatc
         ("MAX_DRAIN_BYTES", "-1", "MAX_DRAIN_BYTES must be >= 0, got -1"),
         ("DB_POOL_TIMEOUT", "fast", "DB_POOL_TIMEOUT must be a number, got 'fast'"),
         ("CRASH_ROUTE_ENABLED", "maybe", "CRASH_ROUTE_ENABLED must be a boolean"),
+        ("DB_POOL_TIMEOUT", "nan", "DB_POOL_TIMEOUT must be a finite number, got 'nan'"),
+        ("HASH_THREADS", "0", "HASH_THREADS must be >= 1, got 0"),
+        ("HASH_QUEUE_MAX", "0", "HASH_QUEUE_MAX must be >= 1, got 0"),
+        ("HASH_QUEUE_TIMEOUT", "0", "HASH_QUEUE_TIMEOUT must be > 0, got 0.0"),
+        ("HASH_QUEUE_TIMEOUT", "-1", "HASH_QUEUE_TIMEOUT must be >= 0.0, got -1.0"),
+        ("HASH_QUEUE_TIMEOUT", "inf", "HASH_QUEUE_TIMEOUT must be a finite number, got 'inf'"),
+        ("HASH_QUEUE_TIMEOUT", "soon", "HASH_QUEUE_TIMEOUT must be a number, got 'soon'"),
+        ("HASH_NICE", "20", "HASH_NICE must be <= 19, got 20"),
+        ("HASH_NICE", "-1", "HASH_NICE must be >= 0, got -1"),
     ],
 )
 def test_invalid_values_exit_naming_the_variable(production, name, value, expected):
@@ -361,6 +375,20 @@ def test_defaults(tmp_path):
         19 * 1024,
         1,
     )
+    assert (settings.hash_threads, settings.hash_queue_max, settings.hash_queue_timeout, settings.hash_nice) == (
+        1,
+        256,
+        30.0,
+        10,
+    )
+    # a connection per thread that serves requests: the request threads and the hashing thread
+    assert (settings.gunicorn_threads, settings.pool_size) == (4, 5)
+
+
+def test_sync_workers_have_no_hashing_threads_to_pool_for(tmp_path):
+    config = {"FLASK_ENV": "testing", "DB_URI": "postgresql://u@h/d", "DATA_DIR": str(tmp_path)}
+    assert Settings.from_env({**config, "GUNICORN_THREADS": "1", "HASH_THREADS": "3"}).pool_size == 1
+    assert Settings.from_env({**config, "GUNICORN_THREADS": "2", "HASH_THREADS": "3"}).pool_size == 5
 
 
 def test_development_secret_is_generated_once_and_kept(tmp_path):

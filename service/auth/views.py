@@ -1,6 +1,8 @@
 """`/auth/register` and `/auth/login`: thin views over `queries`, `passwords` and `throttle`.
 
-The limits are asked first, before any argon2 work: a refused request costs one round trip."""
+The limits are asked first, before any argon2 work: a refused request costs one round trip.
+Both hash, so both are marked `hashes_passwords`: under gunicorn they are served by the hashing
+bulkhead's threads, and may be shed with 503 auth_busy (service/hashing_bulkhead.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from marshmallow import validate
 
 from service.auth import queries, throttle, tokens
 from service.errors import APIError
+from service.hashing_bulkhead import hashes_passwords
 from service.models import EMAIL_MAX
 from service.schemas import NormalisedEmail, secret
 
@@ -49,24 +52,37 @@ def _passwords():
     return current_app.extensions["passwords"]
 
 
-# 429 in the one error shape, with Retry-After (details.reason: service/auth/throttle.py REASONS).
-TOO_MANY = {
-    "description": "Over a login or registration limit (docs/api.md); retry after Retry-After seconds",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPError"}}},
-    "headers": {
-        "Retry-After": {
-            "description": "Seconds to wait before trying again",
-            "required": True,
-            "schema": {"type": "integer", "minimum": 1},
-        }
-    },
-}
+def _retry_later(description: str) -> dict:
+    """An answer in the one error shape, with Retry-After."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPError"}}},
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+
+
+# details.reason: service/auth/throttle.py REASONS
+TOO_MANY = _retry_later("Over a login or registration limit (docs/api.md); retry after Retry-After seconds")
+# details.reason: service/hashing_bulkhead.py REASONS
+AUTH_BUSY = _retry_later(
+    "auth_busy: too many logins and registrations waiting on this server (docs/api.md); retry after Retry-After seconds"
+)
 
 
 @bp.post("/register")
+@hashes_passwords
 @bp.input(Credentials, arg_name="body")
 @bp.output(UserOut, status_code=201)
-@bp.doc(summary="Register a user", responses={409: "Email already registered", 422: "Invalid input", 429: TOO_MANY})
+@bp.doc(
+    summary="Register a user",
+    responses={409: "Email already registered", 422: "Invalid input", 429: TOO_MANY, 503: AUTH_BUSY},
+)
 def register(body):
     throttle.current().check_register()
     password_hash = _passwords().hash(body["password"])  # CPU first, holding no connection
@@ -77,9 +93,10 @@ def register(body):
 
 
 @bp.post("/login")
+@hashes_passwords
 @bp.input(Credentials, arg_name="body")
 @bp.output(TokenOut)
-@bp.doc(summary="Log in and get a JWT", responses={401: "Wrong email or password", 429: TOO_MANY})
+@bp.doc(summary="Log in and get a JWT", responses={401: "Wrong email or password", 429: TOO_MANY, 503: AUTH_BUSY})
 def login(body):
     attempt = throttle.current().login_attempt(body["email"])  # refused: 429, the password never checked
     found = queries.credentials_for(email=body["email"])
