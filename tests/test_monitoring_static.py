@@ -192,6 +192,8 @@ ROWS = {
         "DB pool: in use vs capacity",
         "DB pool wait p95",
         "DB pool checkout timeouts",
+        "Password hashing: queued vs capacity, hashing now",
+        "Password hashing: queue wait p95",
     ],
     "Workers": ["Worker restarts", "Workers alive", "Per-worker memory", "Per-worker CPU"],
     "Database": ["Database up", "Database connections dropped", "Throttle store errors"],
