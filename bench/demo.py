@@ -317,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if prometheus is not None:
                 print(f"Prometheus {prometheus.url}")
-                wait_for(lambda: prometheus.query('up{job="flaskapi"} == 1'), "Prometheus's first scrape of the app")
+                # two scrapes of the app before the load, so every rate has a value from the start
+                wait_for(
+                    lambda: prometheus.query('count_over_time(up{job="flaskapi"}[1m]) >= 2'),
+                    "Prometheus's first two scrapes of the app",
+                )
+
             generator = locust_env(
                 LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}",
                 LOCUST_SUMMARY_JSON=str(out / "locust-final.json"),

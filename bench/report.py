@@ -440,7 +440,6 @@ def format_value(value: float, unit: str) -> str:
     shown = scale(unit, [value])
     text = number(value * shown.factor)
     if not shown.label or not math.isfinite(value):
-
         return text
     return f"{text}{shown.label}" if shown.label in ("%", "/s", "/min") else f"{text} {shown.label}"
 
