@@ -602,7 +602,7 @@ def _time_axis(axes, frame: Frame, width_in: float) -> None:
     import matplotlib.dates as mdates
 
     axes.set_xlim(_x(frame.start), _x(frame.end))
-    locator = mdates.AutoDateLocator(minticks=2, maxticks=max(3, int(width_in * 1.2)), tz=dt.UTC)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=max(4, int(width_in * 1.1)), tz=dt.UTC)
     axes.xaxis.set_major_locator(locator)
     axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=dt.UTC))
     axes.tick_params(axis="x", labelsize=7)
@@ -627,19 +627,22 @@ def _x(at: float) -> float:
     return mdates.date2num(dt.datetime.fromtimestamp(at, dt.UTC))
 
 
-def _draw_annotations(axes, frame: Frame) -> None:
-    """Events as vertical lines, regions shaded, each labelled at the top of the axes."""
-    for note in frame.annotations:
+def _draw_annotations(axes, frame: Frame, *, labels: bool = True) -> None:
+    """Events as vertical lines, regions shaded, each labelled at the top of the axes (labels one
+    under the other, so marks at the same time stay readable)."""
+    for index, note in enumerate(frame.annotations):
         label = note.title + (f": {note.text}" if note.text else "")
         if note.is_event:
             axes.axvline(_x(note.start), color=note.color, linewidth=1.2, linestyle=(0, (4, 2)), zorder=5)
         else:
             axes.axvspan(_x(note.start), _x(note.end), color=note.color, alpha=0.12, linewidth=0, zorder=0)
+        if not labels:
+            continue
         axes.annotate(
             label,
             (_x(note.start), 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(2, -2),
+            xytext=(2, -2 - 8 * (index % 3)),
             textcoords="offset points",
             color=note.color,
             fontsize=6.5,
@@ -846,7 +849,7 @@ def draw_stat(plt, item: dict, panel: Panel, series: list[Series], frame: Frame)
         strip.set_yticks([])
         strip.spines["left"].set_visible(False)
         _time_axis(strip, frame, width / count)
-        _draw_annotations(strip, frame)
+        _draw_annotations(strip, frame, labels=False)
     return {"figure": figure, "ylim": None, "thresholds": [], "unit": scale(panel.unit).label, "note": "; ".join(notes)}
 
 
@@ -872,7 +875,10 @@ def draw_heatmap(plt, item: dict, panel: Panel, series: list[Series], frame: Fra
     unit = (options.get("yAxis") or {}).get("unit") or panel.unit
     edges = [_x(t - frame.step / 2) for t in frame.grid] + [_x(frame.grid[-1] + frame.step / 2)] if frame.grid else []
     if rows and edges:
-        mesh = axes.pcolormesh(edges, list(range(len(bounds) + 1)), rows, cmap="YlOrRd", shading="flat")
+        import numpy as np
+
+        empty = np.ma.masked_equal(np.array(rows), 0.0)  # no observations: the background, not a colour
+        mesh = axes.pcolormesh(edges, list(range(len(bounds) + 1)), empty, cmap="YlOrRd", shading="flat")
         cell_unit = (options.get("cellValues") or {}).get("unit", "")
         bar = figure.colorbar(mesh, ax=axes, pad=0.01, fraction=0.04)
         rates = any("rate(" in expr for _, expr, _ in panel.targets)
@@ -949,6 +955,8 @@ def draw_state(plt, item: dict, panel: Panel, series: list[Series], frame: Frame
             0.5, 0.5, "nothing in this range (no alert fired)", transform=axes.transAxes, ha="center", color="#555"
         )
     axes.grid(True, axis="x", color="#e6e6e6", linewidth=0.6)
+    axes.set_axisbelow(True)
+
     _time_axis(axes, frame, width)
     _draw_annotations(axes, frame)
     return {"figure": figure, "ylim": None, "thresholds": [], "unit": "", "note": "", "spans": rows}
@@ -1158,7 +1166,7 @@ def headline(summary: dict) -> str:
     parts.append("<h2>Alerts fired (Prometheus ALERTS)</h2>")
 
     parts.append(
-        _table(["alert", "severity", "from (UTC)", "to (UTC)", "for"], alerts, 2)
+        _table(["alert", "severity", "from (UTC)", "to (UTC)", "for"], alerts, 4)
         if alerts
         else "<p class=muted>none</p>"
     )
