@@ -737,7 +737,7 @@ def draw_timeseries(plt, item: dict, panel: Panel, series: list[Series], frame: 
         ys = [v * shown.factor for v in one.values]
         base = [0.0] * len(ys)
         stacking = custom.get("stacking") or {}
-        if stacking.get("mode") in ("normal", "percent"):
+        if stacking.get("mode") == "normal":
             group = stacking.get("group", "A")
             base = stacks.get(group, [0.0] * len(ys))
             ys = [b + (0.0 if math.isnan(y) else y) for b, y in zip(base, ys, strict=True)]
@@ -782,7 +782,9 @@ def draw_timeseries(plt, item: dict, panel: Panel, series: list[Series], frame: 
         )
     defaults = item.get("fieldConfig", {}).get("defaults", {})
     custom = defaults.get("custom", {}) or {}
-    soft_min, soft_max = custom.get("axisSoftMin"), custom.get("axisSoftMax")
+    soft_min, soft_max = (
+        None if v is None else v * shown.factor for v in (custom.get("axisSoftMin"), custom.get("axisSoftMax"))
+    )
     low, high = y_limits(drawn, [limit * shown.factor for limit in lines], soft_min=soft_min, soft_max=soft_max)
     if defaults.get("min") is not None:
         low = defaults["min"] * shown.factor
@@ -855,6 +857,8 @@ def draw_stat(plt, item: dict, panel: Panel, series: list[Series], frame: Frame)
 
 def draw_heatmap(plt, item: dict, panel: Panel, series: list[Series], frame: Frame) -> dict:
     """Cumulative `le` buckets made per-bucket (each minus the one below), one row per bucket."""
+    import numpy as np
+
     width, height = figure_size(item)
     figure = plt.figure(figsize=(width, height), layout="constrained", dpi=DPI)
     axes = figure.add_subplot()
@@ -875,8 +879,6 @@ def draw_heatmap(plt, item: dict, panel: Panel, series: list[Series], frame: Fra
     unit = (options.get("yAxis") or {}).get("unit") or panel.unit
     edges = [_x(t - frame.step / 2) for t in frame.grid] + [_x(frame.grid[-1] + frame.step / 2)] if frame.grid else []
     if rows and edges:
-        import numpy as np
-
         empty = np.ma.masked_equal(np.array(rows), 0.0)  # no observations: the background, not a colour
         mesh = axes.pcolormesh(edges, list(range(len(bounds) + 1)), empty, cmap="YlOrRd", shading="flat")
         cell_unit = (options.get("cellValues") or {}).get("unit", "")
@@ -950,13 +952,18 @@ def draw_state(plt, item: dict, panel: Panel, series: list[Series], frame: Frame
     axes.set_yticklabels(names, fontsize=7)
     axes.set_ylim(-0.7, max(len(names), 1) - 0.3)
     if not names:
+        alerts = any("ALERTS" in expr for _, expr, _ in panel.targets)
         axes.set_yticks([])
         axes.text(
-            0.5, 0.5, "nothing in this range (no alert fired)", transform=axes.transAxes, ha="center", color="#555"
+            0.5,
+            0.5,
+            "nothing in this range" + (" (no alert fired)" if alerts else ""),
+            transform=axes.transAxes,
+            ha="center",
+            color="#555",
         )
     axes.grid(True, axis="x", color="#e6e6e6", linewidth=0.6)
     axes.set_axisbelow(True)
-
     _time_axis(axes, frame, width)
     _draw_annotations(axes, frame)
     return {"figure": figure, "ylim": None, "thresholds": [], "unit": "", "note": "", "spans": rows}
@@ -1133,9 +1140,7 @@ def headline(summary: dict) -> str:
         "(the client's view, queueing included).</p>"
     )
     checks = [[("PASS", "pass") if c["ok"] else ("FAIL", "fail"), c["name"], c["detail"]] for c in summary["checks"]]
-
     parts.append("<h2>SLO checks</h2>" + _table(["", "check", "measured"], checks, 3))
-
     crashes = ", ".join(f"+{s:g} s ({utc(run['start_unix'] + s)})" for s in run["crash_schedule_s"]) or "none"
     parameters = [
         ("users", number(run["users"])),
@@ -1164,7 +1169,6 @@ def headline(summary: dict) -> str:
     parts.append("<div><h2>Worker deaths (logs/app.log)</h2>")
     parts.append(_table(["time (UTC)", "pid", "cause"], deaths, 3) if deaths else "<p class=muted>none</p>")
     parts.append("<h2>Alerts fired (Prometheus ALERTS)</h2>")
-
     parts.append(
         _table(["alert", "severity", "from (UTC)", "to (UTC)", "for"], alerts, 4)
         if alerts
