@@ -598,12 +598,23 @@ def figure_size(item: dict, extra_height: float = 0.0) -> tuple[float, float]:
     return max(2.4, width_px / DPI), height_px / DPI + extra_height
 
 
+# Tick spacings on the time axis, in seconds: wall-clock multiples a reader expects.
+TICK_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+
+
+def tick_seconds(span: float, width_in: float) -> int:
+    """The smallest spacing that puts at most about one tick per inch on the axis."""
+    most = max(2, int(width_in * 1.1))
+    return next((s for s in TICK_SECONDS if span / s <= most), TICK_SECONDS[-1])
+
+
 def _time_axis(axes, frame: Frame, width_in: float) -> None:
+    """The shared x axis: the run's start to end, HH:MM:SS UTC ticks on round wall-clock times."""
     import matplotlib.dates as mdates
+    from matplotlib.ticker import MultipleLocator
 
     axes.set_xlim(_x(frame.start), _x(frame.end))
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=max(4, int(width_in * 1.1)), tz=dt.UTC)
-    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_locator(MultipleLocator(tick_seconds(frame.end - frame.start, width_in) / 86400))
     axes.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=dt.UTC))
     axes.tick_params(axis="x", labelsize=7)
     axes.set_xlabel("UTC", fontsize=6.5, loc="right", labelpad=1, color="#57606a")
@@ -655,7 +666,7 @@ def legend_columns(names: Sequence[str], width_in: float) -> int:
     """As many legend columns as the longest name leaves room for (7 pt text, a swatch)."""
     if not names:
         return 1
-    return max(1, min(len(names), int(width_in * DPI // (max(map(len, names)) * 5.2 + 34))))
+    return max(1, min(len(names), int(width_in * DPI // (max(map(len, names)) * 5.6 + 42))))
 
 
 def _legend(figure, axes) -> None:
