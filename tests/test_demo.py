@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
 
 import pytest
@@ -86,7 +87,10 @@ def test_the_page_shows_every_panel_and_the_run(passing):
     page = (out / "dashboard.html").read_text()
     panels = report.panels(report.load())
     assert page.count("<img ") == len(panels)
-    assert all((out / f"panel-{n:02d}.png").stat().st_size > 5000 for n in range(1, len(panels) + 1))
+    for n, panel in enumerate(panels, start=1):  # a PNG as wide as the panel's columns on the page
+        header = (out / f"panel-{n:02d}.png").read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(header[16:20], "big") == round(report.figure_size(panel.raw)[0] * report.DPI)
     for href in ("locust.html", "logs/app.log", "summary.json"):
         assert f"href='{href}'" in page
         assert (out / href).exists()
@@ -307,6 +311,17 @@ def synthetic(passing, tmp_path_factory):
     return drawn, (into / report.PAGE).read_text(), summary
 
 
+def test_a_kept_report_renders_again_with_another_dashboard(passing, tmp_path):
+    _, _, summary, out = passing
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (tmp_path / "board.json").write_text(json.dumps(synthetic_dashboard()))
+    assert report.main([str(copy), "--dashboard", str(tmp_path / "board.json")]) == 0
+    page = (copy / report.PAGE).read_text()
+    assert "synthetic for flaskapi" in page and page.count("<img ") == 6
+    assert summary["run"]["start"] in page and "href='locust.html'" in page
+
+
 def test_synthetic_layout_rows_links_and_variables(synthetic):
     drawn, page, _ = synthetic
     assert [p["title"] for p in drawn["panels"]] == [
@@ -425,6 +440,12 @@ def test_y_axis_starts_at_zero_for_non_negative_data(values, marks, low, high_at
 def test_y_axis_goes_below_zero_only_for_negative_data():
     bottom, top = report.y_limits([-2.0, 3.0])
     assert bottom < -2.0 and top > 3.0
+
+
+def test_time_ticks_fall_on_round_wall_clock_spacings():
+    assert report.tick_seconds(18, 4.9) == 5  # an 18 s run on a third of the page
+    assert report.tick_seconds(92, 4.9) == 30 and report.tick_seconds(92, 15.3) == 10
+    assert report.tick_seconds(3600, 4.9) == 900
 
 
 def test_annotation_points_become_events_and_regions():
