@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps lint run run-edge test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps lint run run-edge locust test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ EDGE_BIND ?= 127.0.0.1:8080
 
 run-edge: install ## as `make run`, with nginx (deploy/nginx/flaskapi.conf) in front on $${EDGE_BIND:-127.0.0.1:8080}
 	@EDGE_BIND=$(EDGE_BIND) PROMETHEUS_MULTIPROC_DIR=$(abspath $(METRICS_DIR)) $(BIN)/python -m bench.edge
+
+LOCUST_HOST ?= http://127.0.0.1:5000
+
+locust: install ## locust's web UI on http://127.0.0.1:8089, the project's locustfile against $${LOCUST_HOST:-http://127.0.0.1:5000} (`make run` first)
+	$(BIN)/locust -f locustfile.py --host $(LOCUST_HOST) --web-host 127.0.0.1 $(LOCUST_ARGS)
 
 system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk, chromium-headless-shell)
 	bash .ci/system-deps.sh

@@ -2,14 +2,13 @@
 
 `LessonFastUser` is the lesson's user (the root locustfile's QuickstartUser: same calls, weights
 and waits) on locust's FastHttpUser client, so one generator process is not the bottleneck at
-1,000 users (saturation uses wrk, see bench/run.py). Every response time is kept
-per endpoint (ids folded into `<id>`) and written to BENCH_RECORDS at the end, so percentiles
-are exact per endpoint and the ramp can be plotted over time.
+1,000 users (saturation uses wrk, see bench/run.py). Every response time is kept per endpoint
+(the locustfile names requests by route: `/books/[id]`) and written to BENCH_RECORDS at the end,
+so percentiles are exact per endpoint and the ramp can be plotted over time.
 """
 
 import json
 import os
-import re
 import time
 
 from faker import Faker
@@ -18,12 +17,11 @@ from locust import FastHttpUser, events
 from locustfile import QuickstartUser
 
 _records: list[tuple[float, str, float, bool]] = []
-_ID = re.compile(r"/\d+")
 
 
 @events.request.add_listener
 def _record(request_type, name, response_time, exception=None, **kwargs):
-    _records.append((time.time(), f"{request_type} {_ID.sub('/<id>', name)}", response_time, exception is None))
+    _records.append((time.time(), f"{request_type} {name}", response_time, exception is None))
 
 
 @events.quitting.add_listener

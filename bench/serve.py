@@ -103,8 +103,10 @@ def service_addresses(**extra: str) -> dict[str, str]:
 def prepare(metrics_dir: Path) -> None:
     """With the lock held: the migrations (embedded Postgres unless DB_URI is set), then an empty
     metrics directory, as deploy/gunicorn.conf.py requires."""
-    # Without the metrics directory: the migration's process is no worker, its samples no one's.
+    # Without the metrics directory and with metrics off: the migration's process is no worker,
+    # its samples no one's, and its log says nothing about metrics (the server's are on).
     env = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+    env["METRICS_ENABLED"] = "0"
     migrate = subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=env, check=False)
     if migrate.returncode != 0:
         raise SystemExit(migrate.returncode)

@@ -7,6 +7,7 @@ Faker phrases; seeded users share one password hash, computed once, since hashin
 from __future__ import annotations
 
 import io
+import json
 import random
 import sys
 
@@ -91,6 +92,10 @@ def seed(users: int, books: int, password: str, random_seed: int | None) -> None
                 bar.update(n)
         conn.commit()
     click.echo(f"Seeded {users} users (password {password!r}) and {books} books.")
+    login = json.dumps({"email": emails[0], "password": password})
+    click.echo(
+        f"Log in as one of them: curl -s -X POST $API/auth/login -H 'Content-Type: application/json' -d '{login}'"
+    )
 
 
 @db_custom.command("drop")

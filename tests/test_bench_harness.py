@@ -3,14 +3,21 @@ runner, its crash-recovery probe and its verdicts. Speed is not asserted."""
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from sqlalchemy import create_engine, text
 
 from bench import run
-from bench.harness.environment import stack_env
+from bench.harness.environment import ROOT, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 
 pytestmark = pytest.mark.stack
+
+BIN = Path(sys.executable).parent  # the venv running the tests
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,8 @@ def test_locust_runner_plays_the_lesson_user_and_counts_generator_cpu(bench_stac
     assert set(names) - {"POST /auth/register", "POST /auth/login"} <= {
         "GET /books/",
         "POST /books/",
-        "PUT /books/<id>",
-        "DELETE /books/<id>",
+        "PUT /books/[id]",
+        "DELETE /books/[id]",
     }
     assert result["failures"] == 0 and result["requests"] == len(names)
     assert 0 < result["generator_cpu_pct"] <= 200
@@ -129,3 +136,34 @@ def test_verdicts_compare_ratios_from_one_run_with_the_targets():
     assert rows["3 create: observability on / off"][1] == ">= 0.90: MISSED"
     assert rows["4 first_page p50 at 1k / 100k / 1M books"][1] == "1M/1k <= 1.3: MISSED"
     assert rows["5 crash to serving again (5 crashes)"][1] == "<= 100 ms: HOLDS"
+
+
+def test_make_locust_runs_the_projects_locustfile_against_the_service(bench_stack, tmp_path):
+    """`make locust` (the README's way to load the service without finding .venv/bin/locust),
+    headless here through LOCUST_ARGS: every user registers and logs in, nothing fails."""
+    _, stack = bench_stack
+    args = f"--headless -u 3 -r 3 -t 3s --only-summary --csv {tmp_path / 'run'}"
+    env = {**locust_env(), "LOCUST_METRICS_BIND": "off"}
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            "install",
+            "locust",
+            f"BIN={BIN}",
+            f"LOCUST_HOST={stack.url}",
+            f"LOCUST_ARGS={args}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "run_stats.csv", newline="") as handle:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(handle)}
+    assert int(rows[("POST", "/auth/login")]["Request Count"]) == 3
+    assert int(rows[("", "Aggregated")]["Failure Count"]) == 0

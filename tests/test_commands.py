@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 
 import psycopg2.extensions
@@ -58,9 +60,12 @@ def test_seed_adds_exactly_the_requested_rows(app, client, runner):
     assert len(seeded) == 3
     assert owners <= set(seeded)  # every book belongs to a seeded user
     assert lengths[0] >= 1 and lengths[1] <= 200 and lengths[2] == 0
-    # seeded users are real accounts with the documented password
-    email = scalar(app, f"SELECT email FROM users WHERE id = {int(seeded[0])}")  # noqa: S608 (an int)
-    login = client.post("/auth/login", json={"email": email, "password": "seed-password"})
+    # seeded users are real accounts: the login the command prints works as printed
+    [printed] = [line for line in result.output.splitlines() if "/auth/login" in line]
+    credentials = json.loads(shlex.split(printed)[-1])
+    assert credentials["password"] == "seed-password"
+    assert credentials["email"] in {scalar(app, f"SELECT email FROM users WHERE id = {int(i)}") for i in seeded}  # noqa: S608
+    login = client.post("/auth/login", json=credentials)
     assert login.status_code == 200
     # and the seeded books are served by the API
     assert client.get("/books?limit=100").get_json()["next_cursor"] is not None

@@ -94,6 +94,15 @@ def instance(migrated_database, tmp_path):
         )
 
 
+def test_make_run_never_says_metrics_are_off(instance):
+    """Its migration step runs with metrics off on purpose (it serves nothing): a line saying
+    "metrics recording off" there read as if the server's metrics were off."""
+    assert requests.get(instance.url + "/healthz", timeout=10).status_code == 200
+    said = instance.process.output() + instance.log.read_text()
+    assert "PostgresqlImpl" in said, said[-2000:]  # the migration step ran and logged
+    assert "recording off" not in said and "records no metrics" not in said
+
+
 def master_pid(instance) -> int:
     """The gunicorn master's pid, from its own "Listening at" line in the log."""
     for line in instance.log.read_text().splitlines():

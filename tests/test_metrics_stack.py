@@ -7,6 +7,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 from sqlalchemy import create_engine, text
@@ -16,6 +17,7 @@ from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.scrape import has_metric, metric, reported_worker_pids, scrape
 from bench.harness.sentry_receiver import SentryReceiver
+from service.observability.master_metrics import LOWEST_WINDOW_SECONDS
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.stack
@@ -85,9 +87,41 @@ def test_series_are_present_and_move_with_requests(stack):
     buckets = {labels["le"] for name, labels, _ in after if name == "flask_http_request_duration_seconds_bucket"}
     assert {"0.005", "30.0"} <= buckets
     assert len(reported_worker_pids(after)) == WORKERS
-    for pid in reported_worker_pids(after):
-        assert metric(after, "flaskapi_process_resident_memory_bytes", pid=str(pid), role="worker") > 10e6
-        assert metric(after, "flaskapi_process_cpu_seconds_total", pid=str(pid), role="worker") > 0
+
+
+def test_every_process_series_of_prometheus_client_is_reported_for_each_gunicorn_process(stack):
+    """The standard `process_*` names (those prometheus_client's ProcessCollector gives a
+    single-process service), one series per live process labelled pid and role, each family
+    exposed once (two collectors yielding the same name would break the scrape)."""
+    response = requests.get(stack.metrics_url, timeout=10)
+    families = [line.split()[2] for line in response.text.splitlines() if line.startswith("# TYPE ")]
+    assert len(families) == len(set(families)), sorted(f for f in families if families.count(f) > 1)
+    assert not [f for f in families if f.startswith("flaskapi_process_")]
+    samples = scrape(stack.metrics_url)
+    workers = reported_worker_pids(samples)
+    assert len(workers) == WORKERS
+    processes = {(str(pid), "worker") for pid in workers} | {(str(stack.process.pid), "master")}
+    standard = {
+        "process_virtual_memory_bytes",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+    }
+    assert {f for f in families if f.startswith("process_")} == standard
+    for name in standard:
+        reported = {(labels["pid"], labels["role"]) for n, labels, _ in samples if n == name}
+        assert reported == processes, name
+    for pid, role in processes:
+        process = psutil.Process(int(pid))
+        assert metric(samples, "process_resident_memory_bytes", pid=pid, role=role) > 10e6
+        assert metric(samples, "process_cpu_seconds_total", pid=pid, role=role) > 0
+        assert metric(samples, "process_start_time_seconds", pid=pid, role=role) == pytest.approx(
+            process.create_time(), abs=0.05
+        )
+        fds = metric(samples, "process_open_fds", pid=pid, role=role)
+        assert 0 < fds <= metric(samples, "process_max_fds", pid=pid, role=role)
 
 
 def test_requests_answered_by_an_early_hook_are_timed_too(stack):
@@ -242,6 +276,14 @@ def test_a_worker_killed_by_sigkill_is_reported_by_the_master(stack):
 
     after = wait_for(replaced, f"worker {victim} to be replaced")
     assert metric(after, "flaskapi_worker_restarts_total") - metric(before, "flaskapi_worker_restarts_total") == 1
+    # Replaced within milliseconds, so "alive" never shows the gap; the fewest alive over the
+    # last LOWEST_WINDOW_SECONDS does (this scrape came right after the reap), then forgets it.
+    assert metric(after, "flaskapi_workers_alive_lowest") == WORKERS - 1
+    wait_for(
+        lambda: metric(scrape(stack.metrics_url), "flaskapi_workers_alive_lowest") == WORKERS,
+        "the dip to leave the window",
+        timeout=LOWEST_WINDOW_SECONDS + 60,
+    )
     assert (
         metric(after, "flaskapi_worker_exits_total", cause="SIGKILL")
         == metric(before, "flaskapi_worker_exits_total", cause="SIGKILL") + 1

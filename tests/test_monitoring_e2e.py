@@ -1,13 +1,18 @@
 """The dashboard and alerts on real data: gunicorn + Prometheus + a short locust run with one
-crash and one slow-database spell, then every dashboard query evaluated through Prometheus."""
+crash and one slow-database spell, then every dashboard query evaluated through Prometheus, and
+what the panels say about the crash checked against the master's own log line."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
 import threading
 import time
+from datetime import datetime
 
 import pytest
+import requests
 import yaml
 from sqlalchemy import create_engine, text
 
@@ -17,13 +22,19 @@ from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
 from bench.harness.scrape import metric, scrape
+from service.observability.master_metrics import LOWEST_WINDOW_SECONDS
+from tests import grafana_dashboard
 
 pytestmark = pytest.mark.stack
 
 RUN_SECONDS = 30
 CRASH_AT = 8
 STALL_SECONDS = 6  # after the crash (at CRASH_AT s of locust's run), before its end
+USERS = 30
+WORKERS = 3
 RATE = "10s"
+SCRAPE_SECONDS = 1  # the harness Prometheus' interval below
+STEP = 1  # seconds between the points of every range query, as the report draws them
 
 
 def hold_books_lock(db_uri: str, metrics_url: str) -> None:
@@ -49,15 +60,16 @@ def run(migrated_database, tmp_path_factory):
     db_uri = migrated_database("test_monitoring")
     env = stack_env(db_uri, data_dir, CRASH_ROUTE_ENABLED="1", DB_STATEMENT_TIMEOUT_MS="500", LOG_CONSOLE="0")
     locust_port = free_port()
-    with Gunicorn(env, workers=3, log_path=data_dir / "gunicorn.out") as stack:
+    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
+        stack.wait_for_workers()  # every worker up before the range the tests read begins
         targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
-        with Prometheus(data_dir, targets=targets, interval="1s") as prometheus:
+        with Prometheus(data_dir, targets=targets, interval=f"{SCRAPE_SECONDS}s") as prometheus:
             started_wall = time.time()
             staller = threading.Thread(target=hold_books_lock, args=(db_uri, stack.metrics_url))
             staller.start()
             generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}", LOCUST_CRASH_AT=str(CRASH_AT))
             result = subprocess.run(
-                locust_command(stack.url, users=30, rate=10, seconds=RUN_SECONDS),
+                locust_command(stack.url, users=USERS, rate=10, seconds=RUN_SECONDS),
                 check=False,
                 cwd=ROOT,
                 env=generator,
@@ -84,20 +96,64 @@ def test_locust_ran(run):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def evaluate(expr: str) -> str:
+    """A dashboard expr as Grafana sends it for a graph of one point per STEP."""
+    return report.substitute(expr, rate_interval=RATE, interval=f"{STEP}s", range_="60s")
+
+
 def test_every_dashboard_query_returns_data(run):
     prometheus, start, end, _, _ = run
     empty = []
     dashboard = report.load()
     for panel in report.panels(dashboard):
         for ref, expr, _ in panel.targets:
-            query = report.substitute(expr, rate_interval=RATE, interval="1s", range_="60s")
-            if not prometheus.query_range(query, start, end, 1):
+            query = evaluate(expr)
+            if not prometheus.query_range(query, start, end, STEP):
                 empty.append(f"{panel.title} [{ref}]: {query}")
     for name, expr in report.annotation_exprs(dashboard):
-        query = report.substitute(expr, rate_interval=RATE, interval="1s", range_="60s")
-        if not prometheus.query_range(query, start, end, 1):
+        query = evaluate(expr)
+        if not prometheus.query_range(query, start, end, STEP):
             empty.append(f"annotation {name}: {query}")
     assert empty == []
+
+
+def test_the_variables_list_the_job_and_its_instance(run):
+    prometheus, start, end, _, _ = run
+    board = report.load()
+    [up] = prometheus.query('up{job="flaskapi"}', end)
+
+    def values(name: str) -> set[str]:
+        selector, label = grafana_dashboard.label_values(
+            grafana_dashboard.variable_query(grafana_dashboard.variable(board, name))
+        )
+        response = requests.get(
+            prometheus.url + "/api/v1/series",
+            params={"match[]": evaluate(selector), "start": start, "end": end},
+            timeout=10,
+        )
+        return {series[label] for series in response.json()["data"]}
+
+    assert values("job") == {"flaskapi"}
+    assert values("instance") == {up["metric"]["instance"]}
+
+
+def worker_died(data_dir) -> tuple[float, int]:
+    """(time, pid) of the master's worker_died line: when the death was observed, by whom."""
+    lines = [json.loads(line) for line in (data_dir / "logs" / "app.log").read_text().splitlines()]
+    [died] = [line for line in lines if line.get("event") == "worker_died"]
+    return datetime.fromisoformat(died["timestamp"]).timestamp(), died["worker_pid"]
+
+
+def scrapes_of_the_app(prometheus, start: float, end: float) -> list[float]:
+    """The times Prometheus scraped the app (its `up` samples), oldest first."""
+    [series] = prometheus.query(f'up{{job="flaskapi"}}[{int(end - start) + 1}s]', end)
+    return [float(at) for at, _ in series["values"]]
+
+
+def points(series: dict) -> list[tuple[float, float]]:
+    """(time, value) of a range query's series, times rounded to the millisecond Prometheus
+    answers with, so that `at - 1` finds the point one second before."""
+    return [(round(float(at), 3), float(value)) for at, value in series["values"]]
 
 
 def test_restart_series_rises_by_exactly_one(run):
@@ -107,10 +163,125 @@ def test_restart_series_rises_by_exactly_one(run):
     assert values[-1] - values[0] == 1
 
 
+def test_restarts_panel_shows_one_restart_as_one_event_at_the_death(run):
+    """One bar of height 1 at the first point after the scrape that saw the death, zero
+    elsewhere: not increase()'s extrapolated plateau."""
+    prometheus, start, end, _, data_dir = run
+    died_at, _ = worker_died(data_dir)
+    expr = grafana_dashboard.target_expr(report.load(), "Worker restarts")
+    [series] = prometheus.query_range(evaluate(expr), start, end, STEP)
+    nonzero = [(at, value) for at, value in points(series) if value != 0]
+    assert [value for _, value in nonzero] == [1.0], nonzero
+    [(at, _)] = nonzero
+    seen = min(t for t in scrapes_of_the_app(prometheus, start, end) if t > died_at)
+    assert seen <= at < seen + STEP, (died_at, seen, at)
+    assert at - died_at <= 2 * SCRAPE_SECONDS + STEP
+
+
+def test_death_annotation_is_one_event_at_the_worker_died_line(run):
+    prometheus, start, end, _, data_dir = run
+    died_at, _ = worker_died(data_dir)
+    [expr] = [expr for name, expr in report.annotation_exprs(report.load()) if name == "Worker deaths"]
+    [series] = prometheus.query_range(evaluate(expr), start, end, STEP)
+    [(at, value)] = points(series)  # one isolated point: an event, not a region
+    assert value == 1
+    assert 0 < at - died_at <= 2 * SCRAPE_SECONDS + STEP, (died_at, at)
+
+
+def test_cpu_of_the_dead_worker_leaves_the_panel_at_the_first_scrape_after_its_death(run):
+    prometheus, start, end, _, data_dir = run
+    died_at, pid = worker_died(data_dir)
+    scrapes = scrapes_of_the_app(prometheus, start, end)
+    before, seen = max(t for t in scrapes if t < died_at), min(t for t in scrapes if t > died_at)
+    query = evaluate(grafana_dashboard.target_expr(report.load(), "Per-worker CPU"))
+
+    def pids(at: float) -> set[str]:
+        return {series["metric"]["pid"] for series in prometheus.query(query, at)}
+
+    assert str(pid) in pids(before)
+    # the others stay; the replacement has one sample at most, no rate yet
+    assert pids(seen) == pids(before) - {str(pid)}
+    # what the panel would draw without the join: the dead worker's rate, for a whole window
+    bare = prometheus.query(f'rate(process_cpu_seconds_total{{job="flaskapi", pid="{pid}"}}[{RATE}])', seen)
+    assert bare, "the check above would pass without the join"
+
+
+def test_workers_alive_panel_dips_at_the_death_and_recovers(run):
+    prometheus, start, end, _, data_dir = run
+    died_at, _ = worker_died(data_dir)
+    board = report.load()
+    [alive] = prometheus.query_range(
+        evaluate(grafana_dashboard.target_expr(board, "Workers alive", "A")), start, end, STEP
+    )
+    [lowest] = prometheus.query_range(
+        evaluate(grafana_dashboard.target_expr(board, "Workers alive", "B")), start, end, STEP
+    )
+    dips = [at for at, value in points(lowest) if value < WORKERS]
+    assert {value for at, value in points(lowest) if at in dips} == {WORKERS - 1}
+    assert dips and died_at < dips[0] and dips[-1] <= died_at + LOWEST_WINDOW_SECONDS + 2 * SCRAPE_SECONDS + STEP
+    assert points(lowest)[-1][1] == points(alive)[-1][1] == WORKERS
+
+
+def test_locust_rps_agrees_with_the_server_rate_at_steady_state(run):
+    """Every point whose rate window holds all the users and not the crash (requests cut by
+    the dying worker are failures to locust and never answered): the load generator's rate
+    and the rate the server answered agree. Locust names /books/<id> by route, so its series
+    are stable; named by path, every id was a new series and rate() missed its first request
+    (half the requests are updates and deletes)."""
+    prometheus, start, end, _, data_dir = run
+    died_at, _ = worker_died(data_dir)
+    board = report.load()
+    window = int(RATE.removesuffix("s"))
+
+    def by_time(title: str, ref: str) -> dict[float, float]:
+        totals: dict[float, float] = {}
+        for series in prometheus.query_range(
+            evaluate(grafana_dashboard.target_expr(board, title, ref)), start, end, STEP
+        ):
+            for at, value in points(series):
+                totals[at] = totals.get(at, 0.0) + value
+        return totals
+
+    users = by_time("Locust users", "A")
+    locust = by_time("Locust RPS and failures/s", "A")
+    answered = by_time("Locust RPS and failures/s", "C")
+    by_route = by_time("Request rate by route", "A")
+    steady = [
+        at
+        for at in sorted(locust)
+        if all(users.get(round(at - back, 3)) == USERS for back in range(0, window + 2 * SCRAPE_SECONDS + 1, STEP))
+        and not at - window - 2 * SCRAPE_SECONDS <= died_at <= at + SCRAPE_SECONDS
+    ]
+    assert len(steady) >= 3, f"too few steady points to compare: {steady}"
+    for at in steady:
+        # the same answers counted by two series of the exporter (by status; by route and status)
+        assert answered[at] == pytest.approx(by_route[at], rel=0.05)
+        assert locust[at] == pytest.approx(answered[at], rel=0.1), (at - start, locust[at], answered[at])
+
+
+def test_alerts_panel_and_annotation_show_the_restart_alert_firing_from_the_death(run):
+    prometheus, start, end, _, data_dir = run
+    died_at, _ = worker_died(data_dir)
+    board = report.load()
+    lanes = prometheus.query_range(evaluate(grafana_dashboard.target_expr(board, "Alerts firing")), start, end, STEP)
+    assert "FlaskapiWorkerRestarted" in {lane["metric"]["alertname"] for lane in lanes}
+    [expr] = [expr for name, expr in report.annotation_exprs(board) if name == "Alerts firing"]
+    [restarted] = [
+        series
+        for series in prometheus.query_range(evaluate(expr), start, end, STEP)
+        if series["metric"]["alertname"] == "FlaskapiWorkerRestarted"
+    ]
+    times = [at for at, _ in points(restarted)]
+    # a region: consecutive points from the first evaluation after the death to the end
+    assert len(times) >= 3 and all(round(b - a, 3) == STEP for a, b in itertools.pairwise(times))
+    seen = min(t for t in scrapes_of_the_app(prometheus, start, end) if t > died_at)
+    assert seen < times[0] <= seen + 2 * SCRAPE_SECONDS + STEP, (died_at, seen, times[0])
+
+
 def test_load_generator_series_are_present(run):
     prometheus, start, end, _, _ = run
     users = prometheus.query_range('max(locust_users{job="locust"})', start, end, 1)
-    assert max(float(v) for _, v in users[0]["values"]) == 30
+    assert max(float(v) for _, v in users[0]["values"]) == USERS
     requests = prometheus.query(f'sum(max_over_time(locust_requests_total{{job="locust"}}[{int(end - start)}s]))', end)
     assert float(requests[0]["value"][1]) > 200
 

@@ -26,10 +26,8 @@ def has_metric(samples, name: str) -> bool:
 
 
 def reported_worker_pids(samples) -> set[int]:
-    """The pids of the live workers as the master reports them in `samples` (one memory series
-    each), not as the operating system sees the process tree."""
+    """The pids of the live workers as the master reports them in `samples` (one
+    `process_start_time_seconds` series each), not as the operating system sees the process tree."""
     return {
-        int(have["pid"])
-        for n, have, _ in samples
-        if n == "flaskapi_process_resident_memory_bytes" and have.get("role") == "worker"
+        int(have["pid"]) for n, have, _ in samples if n == "process_start_time_seconds" and have.get("role") == "worker"
     }

@@ -58,7 +58,7 @@ class MasterHooks:
             master_metrics.worker_gone(worker.pid)
         cause = self.exit_status.cause_of(worker.pid)
         if self.master_metrics is not None:
-            self.master_metrics.exits[cause] += 1
+            self.master_metrics.worker_reaped(cause)
         worker_exits.report(worker.pid, cause)
 
     def worker_abort(self, worker) -> None:

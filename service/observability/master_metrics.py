@@ -1,9 +1,10 @@
 """The gunicorn master's metrics endpoint (METRICS_BIND).
 
 It serves every live worker's multiprocess samples and the dead workers' totals
-(sample_files.py) merged, plus what only the master knows: worker
-exits and restarts, each live worker's memory and CPU (multiprocess mode has no process
-collector), build info, and whether the database answers.
+(sample_files.py) merged, plus what only the master knows: worker exits and restarts, the
+workers alive, build info, whether the database answers, and the standard `process_*` series
+for the master and each live worker, labelled `pid` and `role` (multiprocess mode has no process
+collector: prometheus_client's would describe only the process serving the scrape).
 
 Served by prometheus_client's WSGI app on the stdlib's wsgiref server, as its
 `start_http_server` does, but with a request handler that names itself `Server:
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 from collections import Counter as Tally
+from collections import deque
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, make_server
 
 import psutil
@@ -39,6 +41,10 @@ from service.security_headers import SecurityHeaders
 log = logging.getLogger("service.workers")
 
 SERVER = "flaskapi-metrics"  # the `Server` header: no software name or version
+# How far back flaskapi_workers_alive_lowest looks: the scrape interval of monitoring/prometheus.yml,
+# so every scrape sees the dips since the one before (a dead worker is replaced in milliseconds,
+# between two scrapes, so flaskapi_workers_alive itself never shows one).
+LOWEST_WINDOW_SECONDS = 5.0
 
 
 class MasterMetrics(Collector):
@@ -49,6 +55,27 @@ class MasterMetrics(Collector):
         self.version = version
         self.database_probe = database_probe
         self.exits: Tally[str] = Tally()
+        self._dips: deque[tuple[float, int]] = deque()  # (monotonic time, workers alive just after a reap)
+        self._dips_lock = threading.Lock()
+
+    def worker_reaped(self, cause: str) -> None:
+        """Called by the arbiter once it has reaped a worker and before it forks a replacement:
+        counts the exit and keeps the moment the worker was missing."""
+        self.exits[cause] += 1
+        with self._dips_lock:
+            self._forget_old_dips()  # bounded even if nothing scrapes during a crash loop
+            self._dips.append((time.monotonic(), len(self.server.WORKERS)))
+
+    def lowest_alive(self, alive: int) -> int:
+        """Fewest workers alive over the last LOWEST_WINDOW_SECONDS, `alive` (now) included."""
+        with self._dips_lock:
+            self._forget_old_dips()
+            return min([alive] + [count for _, count in self._dips])
+
+    def _forget_old_dips(self) -> None:
+        horizon = time.monotonic() - LOWEST_WINDOW_SECONDS
+        while self._dips and self._dips[0][0] < horizon:
+            self._dips.popleft()
 
     def collect(self):
         info = GaugeMetricFamily(
@@ -68,28 +95,59 @@ class MasterMetrics(Collector):
 
         workers = dict(self.server.WORKERS)
         yield GaugeMetricFamily("flaskapi_workers_alive", "Worker processes running", value=len(workers))
-        memory = GaugeMetricFamily(
-            "flaskapi_process_resident_memory_bytes", "Resident memory per gunicorn process", labels=["pid", "role"]
+        yield GaugeMetricFamily(
+            "flaskapi_workers_alive_lowest",
+            f"Fewest worker processes running at any moment of the last {LOWEST_WINDOW_SECONDS:g} s",
+            value=self.lowest_alive(len(workers)),
         )
-        cpu = CounterMetricFamily(
-            "flaskapi_process_cpu_seconds", "CPU time (user + system) per gunicorn process", labels=["pid", "role"]
-        )
-        for pid, role in [(os.getpid(), "master")] + [(pid, "worker") for pid in workers]:
-            try:
-                process = psutil.Process(pid)
-                with process.oneshot():
-                    rss = process.memory_info().rss
-                    times = process.cpu_times()
-            except psutil.Error:  # exited between listing and reading
-                continue
-            memory.add_metric([str(pid), role], rss)
-            cpu.add_metric([str(pid), role], times.user + times.system)
-        yield memory
-        yield cpu
+        yield from process_families([(os.getpid(), "master")] + [(pid, "worker") for pid in workers])
 
         yield GaugeMetricFamily(
             "flaskapi_database_up", "1 when the database answers SELECT 1", value=1 if self.database_probe() else 0
         )
+
+
+def process_families(processes: list[tuple[int, str]]):
+    """prometheus_client's ProcessCollector series (its names, help texts and types) for each
+    (pid, role) that still exists, labelled with both: the dashboards and queries written for
+    any Python service's `process_*` work here, per process. A process that exits between the
+    listing and the reading is left out."""
+    labels = ["pid", "role"]
+    families = {
+        "virtual_memory_bytes": GaugeMetricFamily(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", labels=labels
+        ),
+        "resident_memory_bytes": GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory size in bytes.", labels=labels
+        ),
+        "start_time_seconds": GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", labels=labels
+        ),
+        "cpu_seconds": CounterMetricFamily(
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", labels=labels
+        ),
+        "open_fds": GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", labels=labels),
+        "max_fds": GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", labels=labels),
+    }
+    for pid, role in processes:
+        try:
+            process = psutil.Process(pid)
+            with process.oneshot():
+                memory = process.memory_info()
+                times = process.cpu_times()
+                values = {
+                    "virtual_memory_bytes": memory.vms,
+                    "resident_memory_bytes": memory.rss,
+                    "start_time_seconds": process.create_time(),
+                    "cpu_seconds": times.user + times.system,
+                    "open_fds": process.num_fds(),
+                    "max_fds": process.rlimit(psutil.RLIMIT_NOFILE)[0],
+                }
+        except psutil.Error:  # exited (or a zombie not yet reaped) between listing and reading
+            continue
+        for key, value in values.items():
+            families[key].add_metric([str(pid), role], value)
+    yield from families.values()
 
 
 class WorkerSamples(MultiProcessCollector):

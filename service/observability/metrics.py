@@ -88,7 +88,8 @@ def route(req) -> str:
 def init_app(app: Flask, settings) -> None:
     """HTTP metrics, requests in flight and the pool's gauges and counters, when `enabled`."""
     if not enabled(settings):
-        log.info("metrics recording off (PROMETHEUS_MULTIPROC_DIR unset or METRICS_ENABLED=0)")
+        if settings.metrics_enabled:  # asked for, but this process has nowhere to write samples
+            log.info("this process records no metrics: PROMETHEUS_MULTIPROC_DIR is unset (docs/metrics.md)")
         return
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 

@@ -1,0 +1,66 @@
+"""Reading the Grafana dashboard the way the monitoring tests ask about it: its rows, panels,
+template variables and the selectors of its queries."""
+
+from __future__ import annotations
+
+import re
+
+# The series the service exports (the app's, the master's, the standard process ones) and the
+# alerts Prometheus derives from its rules: every selector of one of them must follow the
+# dashboard's job and instance variables.
+SERVICE_METRIC = re.compile(r"\b(?:flask_[a-z_]+|flaskapi_[a-z_]+|process_[a-z_]+|ALERTS)\b")
+JOB = 'job=~"$job"'
+INSTANCE = re.compile(r'instance=~"\$instance\|?"')
+
+
+def rows(board: dict) -> list[tuple[dict, list[dict]]]:
+    """(row, the panels laid out under it) in dashboard order; rows are not collapsed, so their
+    panels follow them at the top level of `panels`."""
+    found: list[tuple[dict, list[dict]]] = []
+    for item in board["panels"]:
+        if item.get("type") == "row":
+            found.append((item, []))
+        elif found:
+            found[-1][1].append(item)
+    return found
+
+
+def panel(board: dict, title: str) -> dict:
+    (match,) = [p for p in board["panels"] if p.get("title") == title]
+    return match
+
+
+def target_expr(board: dict, title: str, ref: str = "A") -> str:
+    (expr,) = [t["expr"] for t in panel(board, title)["targets"] if t["refId"] == ref]
+    return expr
+
+
+def variable(board: dict, name: str) -> dict:
+    (match,) = [v for v in board["templating"]["list"] if v["name"] == name]
+    return match
+
+
+def variable_query(variable: dict) -> str:
+    query = variable["query"]
+    return query["query"] if isinstance(query, dict) else query
+
+
+def label_values(query: str) -> tuple[str, str]:
+    """(selector, label) of Grafana's `label_values(selector, label)`: Grafana asks Prometheus for
+    the series matching the selector (/api/v1/series) and lists that label's values."""
+    match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query.strip())
+    assert match, f"not a label_values query: {query}"
+    return match.group(1).strip(), match.group(2)
+
+
+def unfiltered_selectors(expr: str) -> list[str]:
+    """The selectors of service series in `expr` that do not filter on both `job=~"$job"` and
+    `instance=~"$instance"` (or `"$instance|"`, which also keeps alerts without an instance)."""
+    bad = []
+    for match in SERVICE_METRIC.finditer(expr):
+        rest = expr[match.end() :]
+        selector = re.match(r"\{([^}]*)\}", rest)
+        matchers = selector.group(1) if selector else ""
+        if JOB not in matchers or not INSTANCE.search(matchers):
+            bad.append(match.group(0) + (selector.group(0) if selector else ""))
+    return bad
