@@ -8,7 +8,8 @@ on top), summary.json, summary.md, locust.html, logs/app.log and Prometheus's da
     python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45[,70]] [--workers 3]
                          [--threads 4] [--p95-slo-ms 500] [--db-uri URI] [--out reports/demo-...]
 
-Exit status 0 when every check passes, 1 when one fails (each failed check is printed).
+Exit status 0 when every check passes, 1 when one fails (each failed check is printed), 2 when
+--out is not a new or empty folder.
 """
 
 from __future__ import annotations
@@ -292,6 +293,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     out = (args.out or ROOT / "reports" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and any(out.iterdir()):
+        # An earlier run's Prometheus data, log and files would be read as this run's.
+        print(f"{out} is not empty: give --out a new or empty folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     prometheus_installed = Path(Prometheus.BINARY).exists()
     if not prometheus_installed:

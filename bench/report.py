@@ -34,6 +34,7 @@ import datetime as dt
 import html
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -494,22 +495,23 @@ def aligned(start: float, step: float) -> float:
     return math.floor(start / step) * step
 
 
-def annotation_queries(dashboard: dict, *, step: float, macros: dict) -> list[tuple[dict, str, float]]:
+def annotation_queries(dashboard: dict, values: dict, *, step: float, macros: dict) -> list[tuple[dict, str, float]]:
     """(entry, query as sent, step) of each enabled Prometheus annotation query: its own `step`,
-    else the report's."""
-    values = variables(dashboard)
-    return [
-        (entry, substitute(entry["expr"], **macros, variables=values), parse_duration(entry.get("step")) or step)
-        for entry in dashboard.get("annotations", {}).get("list", [])
-        if entry.get("expr") and entry.get("enable") is not False and _prometheus(entry.get("datasource"))
-    ]
+    else the report's; `$__interval` is that step, as Grafana sends annotation queries."""
+    found = []
+    for entry in dashboard.get("annotations", {}).get("list", []):
+        if entry.get("expr") and entry.get("enable") is not False and _prometheus(entry.get("datasource")):
+            every = parse_duration(entry.get("step")) or step
+            query = substitute(entry["expr"], **{**macros, "interval": f"{every:g}s"}, variables=values)
+            found.append((entry, query, every))
+    return found
 
 
-def annotations(prometheus, dashboard: dict, *, start: float, end: float, step: float, macros: dict) -> list:
+def annotations(prometheus, dashboard: dict, values: dict, *, start: float, end: float, step: float, macros: dict):
     """The dashboard's annotation queries over [start, end], each at its step with the start
     aligned to it (as Grafana sends them), as events and regions named by titleFormat/textFormat."""
     found = []
-    for entry, query, every in annotation_queries(dashboard, step=step, macros=macros):
+    for entry, query, every in annotation_queries(dashboard, values, step=step, macros=macros):
         for series in prometheus.query_range(query, aligned(start, every), end, every):
             labels = series["metric"]
             if entry.get("useValueForTime"):
@@ -852,6 +854,17 @@ def draw_stat(plt, item: dict, panel: Panel, series: list[Series], frame: Frame)
             weight="bold",
             color="white" if color_mode == "background" else shade,
         )
+        if one.name and (options.get("textMode") in ("value_and_name", "name") or len(series) > 1):
+            box.text(
+                0.5,
+                0.88,
+                one.name,
+                transform=box.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="white" if color_mode == "background" else "#444",
+            )
         note = stat_note(one, panel.unit, frame.step, calc)
         notes.append(f"{one.name}: {note}" if len(series) > 1 else note)
         strip = figure.add_subplot(grid[1, index])
@@ -1203,9 +1216,16 @@ def _grid_placement(items: list[dict]) -> dict[int, tuple[int, int]]:
 
 
 def page(
-    dashboard: dict, cards: dict[int, str], *, start: float, end: float, summary: dict | None, files: list, notes: list
+    dashboard: dict,
+    values: dict,
+    cards: dict[int, str],
+    *,
+    start: float,
+    end: float,
+    summary: dict | None,
+    files: list,
+    notes: list,
 ) -> str:
-    values = variables(dashboard)
     title = interpolate(dashboard.get("title", "dashboard"), values)
     parts = [
         f"<!doctype html><html lang=en><meta charset='utf-8'><title>{_e(title)}: load-test report</title>",
@@ -1290,16 +1310,17 @@ def render(
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     dashboard = load() if dashboard is None else dashboard
-    values = variables(dashboard)
+    # The docs the dashboard's links point at (`$docs_base`): this checkout's, from the page.
+    values = {**variables(dashboard), "docs_base": os.path.relpath(ROOT / "docs", out_dir.resolve())}
     macros = {"rate_interval": rate_interval, "interval": f"{step:g}s", "range_": f"{max(1, round(end - start))}s"}
     first = math.ceil(start / step) * step  # the first step inside the run
     grid = [first + i * step for i in range(max(1, int((end - first) // step) + 1))]
     frame = Frame(start, end, step, grid, [])
     drawn = {"start": start, "end": end, "step": step, "annotations": [], "panels": []}
     if prometheus is not None:
-        frame.annotations = annotations(prometheus, dashboard, start=start, end=end, step=step, macros=macros)
+        frame.annotations = annotations(prometheus, dashboard, values, start=start, end=end, step=step, macros=macros)
     notes = []
-    for entry, query, every in annotation_queries(dashboard, step=step, macros=macros):
+    for entry, query, every in annotation_queries(dashboard, values, step=step, macros=macros):
         marks = [a for a in frame.annotations if a.name == entry.get("name", "")]
         shown = "; ".join(
             f"<b>{_e(a.title)}</b>{' ' + _e(a.text) if a.text else ''} at {utc(a.start)}"
@@ -1344,7 +1365,7 @@ def render(
                 }
             )
     files = [(path, label) for path, label in RUN_FILES if (out_dir / path).exists()]
-    text = page(dashboard, cards, start=start, end=end, summary=summary, files=files, notes=notes)
+    text = page(dashboard, values, cards, start=start, end=end, summary=summary, files=files, notes=notes)
     if prometheus is None:
         text = text.replace("<main>", "<main><p class=fail>Prometheus was not installed: no panels.</p>", 1)
     (out_dir / page_name).write_text(text)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from bench import demo as bench_demo
 from bench import report
 from bench.harness.commands import run_command
 from bench.harness.prometheus import Prometheus
@@ -90,7 +91,7 @@ def test_the_page_shows_every_panel_and_the_run(passing):
     for n, panel in enumerate(panels, start=1):  # a PNG as wide as the panel's columns on the page
         header = (out / f"panel-{n:02d}.png").read_bytes()[:24]
         assert header[:8] == b"\x89PNG\r\n\x1a\n"
-        assert int.from_bytes(header[16:20], "big") == round(report.figure_size(panel.raw)[0] * report.DPI)
+        assert abs(int.from_bytes(header[16:20], "big") - report.figure_size(panel.raw)[0] * report.DPI) < 1
     for href in ("locust.html", "logs/app.log", "summary.json"):
         assert f"href='{href}'" in page
         assert (out / href).exists()
@@ -142,6 +143,12 @@ def test_a_run_that_misses_its_objective_exits_non_zero(migrated_database, tmp_p
     assert [c["name"] for c in summary["checks"] if not c["ok"]] == ["p95 <= 0.001 ms on every books endpoint"]
     assert "FAILED: p95 <= 0.001 ms on every books endpoint" in output
     assert "FAIL" in (tmp_path / "dashboard.html").read_text()
+
+
+def test_a_folder_with_an_earlier_run_is_refused(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")  # its Prometheus data would be read as this run's
+    assert bench_demo.main(["--out", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
 
 
 # --- a synthetic dashboard on the demo's Prometheus data ---------------------------------------------
