@@ -641,18 +641,18 @@ def _x(at: float) -> float:
 
 
 def _draw_annotations(axes, frame: Frame, *, labels: bool = True) -> None:
-    """Events as vertical lines, regions shaded, each labelled at the top of the axes (labels one
-    under the other, so marks at the same time stay readable)."""
+    """Events as vertical lines, regions shaded, each labelled with its title at the top of the
+    axes (one under the other, so marks at the same time stay readable; the text is in the
+    page's list). Labels are clipped to the axes and never shrink the plot."""
     for index, note in enumerate(frame.annotations):
-        label = note.title + (f": {note.text}" if note.text else "")
         if note.is_event:
             axes.axvline(_x(note.start), color=note.color, linewidth=1.2, linestyle=(0, (4, 2)), zorder=5)
         else:
             axes.axvspan(_x(note.start), _x(note.end), color=note.color, alpha=0.12, linewidth=0, zorder=0)
         if not labels:
             continue
-        axes.annotate(
-            label,
+        text = axes.annotate(
+            note.title,
             (_x(note.start), 1.0),
             xycoords=("data", "axes fraction"),
             xytext=(2, -2 - 8 * (index % 3)),
@@ -661,7 +661,9 @@ def _draw_annotations(axes, frame: Frame, *, labels: bool = True) -> None:
             fontsize=6.5,
             va="top",
             annotation_clip=True,
+            clip_on=True,
         )
+        text.set_in_layout(False)
 
 
 def legend_columns(names: Sequence[str], width_in: float) -> int:
@@ -782,17 +784,18 @@ def draw_timeseries(plt, item: dict, panel: Panel, series: list[Series], frame: 
             lines.setdefault(limit, (shade, style))
     for limit, (shade, style) in lines.items():
         axes.axhline(limit * shown.factor, color=shade, linestyle=style, linewidth=1)
-        axes.annotate(
+        label = axes.annotate(  # at the left end, away from the annotation labels along the top
             f"threshold {format_value(limit, panel.unit)}",
-            (1.0, limit * shown.factor),
+            (0.0, limit * shown.factor),
             xycoords=("axes fraction", "data"),
-            xytext=(-2, 2),
+            xytext=(3, 2),
             textcoords="offset points",
-            ha="right",
+            ha="left",
             va="bottom",
             fontsize=6.5,
             color=shade,
         )
+        label.set_in_layout(False)
     defaults = item.get("fieldConfig", {}).get("defaults", {})
     custom = defaults.get("custom", {}) or {}
     soft_min, soft_max = (
