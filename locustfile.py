@@ -10,9 +10,15 @@ verbatim, is bench/lesson_locustfile.py; it still runs against the service (test
 The load generator's own view (users, requests, failures, response-time percentiles) is served
 for Prometheus on LOCUST_METRICS_BIND (default 127.0.0.1:9646), so dashboards can lay the load
 over the server's behaviour. LOCUST_CRASH_AT=20 (or 20,40) calls /auth/crash once at each of those
-seconds after the test starts (the server needs CRASH_ROUTE_ENABLED=1).
+seconds after the test starts (the server needs CRASH_ROUTE_ENABLED=1). LOCUST_SUMMARY_JSON=path
+writes locust's final statistics there once it has stopped (every user done or cut off at the
+stop timeout): per request name its count, failures, the answers by status (0: none, the
+connection broke) and percentiles, the numbers of locust's final table (its CSV is written
+every few seconds and may miss the last ones).
 """
 
+import collections
+import json
 import logging
 import os
 import random
@@ -148,3 +154,58 @@ def schedule_crashes(environment, **kwargs):
                 log.info("crash requested at +%.0fs: %s", delay, exc)  # the worker died mid-request
 
     gevent.spawn(crash_later)
+
+
+# Answers by status per (method, name), 0 for a request that got none (a reset or refused
+# connection): locust's statistics count those as failures without saying which they were.
+# Counted where the requests run, so without --processes (the demo and the tests).
+ANSWERS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+@events.request.add_listener
+def count_answers(request_type, name, response=None, **kwargs):
+    ANSWERS[(request_type, name)][getattr(response, "status_code", 0) or 0] += 1
+
+
+def final_entry(entry, answers: collections.Counter) -> dict:
+    return {
+        "method": entry.method,
+        "name": entry.name,
+        "requests": entry.num_requests,
+        "failures": entry.num_failures,
+        "answers": {str(status): count for status, count in sorted(answers.items())},
+        "median_ms": entry.median_response_time,
+        "avg_ms": entry.avg_response_time,
+        "min_ms": entry.min_response_time,
+        "max_ms": entry.max_response_time,
+        "p50_ms": entry.get_response_time_percentile(0.5),
+        "p95_ms": entry.get_response_time_percentile(0.95),
+        "p99_ms": entry.get_response_time_percentile(0.99),
+        "rps": entry.total_rps,
+        "failures_per_s": entry.total_fail_per_sec,
+    }
+
+
+@events.quitting.add_listener
+def write_final_stats(environment, **kwargs):
+    """At locust's exit, after the run stopped: nothing can be added to the statistics."""
+    path = os.environ.get("LOCUST_SUMMARY_JSON")
+    if not path or isinstance(environment.runner, WorkerRunner):
+        return
+    stats = environment.runner.stats
+    final = {
+        "endpoints": [
+            final_entry(entry, ANSWERS[(entry.method, entry.name)])
+            for entry in stats.entries.values()
+            if entry.num_requests
+        ],
+        "total": final_entry(stats.total, sum(ANSWERS.values(), collections.Counter())),
+        "errors": [
+            {"method": e.method, "name": e.name, "error": str(e.error), "occurrences": e.occurrences}
+            for e in stats.errors.values()
+        ],
+        "start_time": stats.total.start_time,
+        "last_request_time": stats.total.last_request_timestamp,
+    }
+    with open(path, "w") as handle:
+        json.dump(final, handle, indent=2)

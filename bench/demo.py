@@ -1,25 +1,43 @@
-"""`make demo`: the lesson's load test, watched. Starts the stack (crash route on), Prometheus if
-installed, ramps headless locust to 200 users with a worker crash in the middle, then writes a
-report folder: locust's HTML and CSVs, every dashboard panel rendered from Prometheus with the
-dashboard JSON's own queries, and a summary. Stops everything it started.
+"""`make demo`: the lesson's load test, watched and judged. Starts the stack (crash route on) and
+Prometheus, ramps headless locust with worker crashes on a schedule, counts every request three
+ways (locust, the server's counter, the access log), judges the run against the demo's SLO and
+writes a report folder: dashboard.html (every dashboard panel from Prometheus, the run's numbers
+on top), summary.json, summary.md, locust.html, logs/app.log and Prometheus's data (tsdb/, for
+`python -m bench.report`). Stops everything it started.
 
-    python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45] [--out reports/demo-...]
+    python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45[,70]] [--workers 3]
+                         [--threads 4] [--p95-slo-ms 500] [--db-uri URI] [--out reports/demo-...]
+
+Exit status 0 when every check passes, 1 when one fails (each failed check is printed), 2 when
+--out is not a new or empty folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import collections
+import datetime as dt
 import json
-import subprocess
+import re
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from bench import report, run
+from bench.harness.commands import run_command
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
+from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
+from bench.harness.scrape import metric, scrape
+
+RULES = ROOT / "monitoring" / "rules" / "flaskapi.rules.yml"
+LATENCY_ALERT = "FlaskapiLatencyP95AboveSLO"
+RESTART_ALERT = "FlaskapiWorkerRestarted"
+SCRAPE_INTERVAL = 2.0  # Prometheus's, and the report's query step
+STOP_TIMEOUT = 10  # seconds locust lets its users finish the request in hand at the end
 
 
 def migrated_demo_database() -> str:
@@ -31,100 +49,359 @@ def migrated_demo_database() -> str:
     return uri
 
 
-def locust_totals(csv_prefix: Path) -> dict:
-    with open(f"{csv_prefix}_stats.csv", newline="") as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    total = rows["Aggregated"]
+def slo_p95_ms(rules: Path = RULES) -> float:
+    """The p95 objective of the alert rules (FlaskapiLatencyP95AboveSLO's `> 0.5`), in ms: the
+    demo judges itself by the number the alert pages on."""
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    (expr,) = [rule["expr"] for group in groups for rule in group["rules"] if rule.get("alert") == LATENCY_ALERT]
+    return float(re.search(r">\s*([0-9.]+)\s*$", expr.strip()).group(1)) * 1000
+
+
+def endpoint(method: str, route: str | None) -> str:
+    """A request's endpoint as locust names it: the method and the route template, its
+    parameters as [id] (`PUT /books/<book_id:book_id>` is `PUT /books/[id]`, locustfile.py)."""
+    return f"{method} {re.sub(r'<[^>]+>', '[id]', route or '<unmatched>')}"
+
+
+def server_counts(samples) -> collections.Counter:
+    """Requests the server answered, by endpoint: the request histogram's count, which is
+    flask_http_request_total split by route (the counter itself has no route label)."""
+    counts = collections.Counter()
+    for name, labels, value in samples:
+        if name == "flask_http_request_duration_seconds_count":
+            counts[endpoint(labels["method"], labels["route"])] += int(value)
+    return counts
+
+
+def read_log(path: Path, start: float, end: float) -> tuple[collections.Counter, list[dict]]:
+    """From the service's JSON log, between `start` and `end`: the access lines by endpoint and
+    the workers the master saw die (time, pid, cause)."""
+    access, deaths = collections.Counter(), []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+            at = dt.datetime.fromisoformat(record["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not start <= at <= end:
+            continue
+        if record.get("event") == "access":
+            access[endpoint(record.get("method", ""), record.get("route"))] += 1
+        elif record.get("event") == "worker_died":
+            deaths.append({"time_unix": at, "time": report.utc_full(at), "pid": record.get("worker_pid"),
+                           "cause": record.get("cause", "")})  # fmt: skip
+    return access, deaths
+
+
+def firing_alerts(prometheus, start: float, end: float, step: float) -> list[dict]:
+    """Each alert's firing spans over the run, from Prometheus's ALERTS series."""
+    found = []
+    first = report.aligned(start, step)
+    for series in prometheus.query_range('ALERTS{alertstate="firing"}', first, end, step):
+        labels = series["metric"]
+        for span_start, span_end in report.spans([float(t) for t, _ in series["values"]], step):
+            found.append(
+                {
+                    "alertname": labels.get("alertname", ""),
+                    "severity": labels.get("severity", ""),
+                    "start_unix": span_start,
+                    "end_unix": span_end,
+                    "start": report.utc_full(span_start),
+                    "end": report.utc_full(span_end),
+                    "still_firing": span_end + step > end,
+                }
+            )
+    return sorted(found, key=lambda alert: alert["start_unix"])
+
+
+def ms(value) -> float | None:
+    return None if value is None else round(float(value), 1)
+
+
+def endpoint_row(entry: dict, server: collections.Counter, access: collections.Counter) -> dict:
+    key = f"{entry['method']} {entry['name']}" if entry["method"] else "all"
+    unanswered = int(entry["answers"].get("0", 0))
     return {
-        "requests": int(total["Request Count"]),
-        "failures": int(total["Failure Count"]),
-        "rps": round(float(total["Requests/s"]), 1),
-        "p50_ms": float(total["50%"]),
-        "p95_ms": float(total["95%"]),
-        "p99_ms": float(total["99%"]),
-        "max_ms": float(total["Max Response Time"]),
+        "endpoint": key,
+        "requests": entry["requests"],
+        "failures": entry["failures"],
+        "unanswered": unanswered,
+        "answered_failures": entry["failures"] - unanswered,
+        "server": server.get(key, 0),
+        "log": access.get(key, 0),
+        "answers": entry["answers"],
+        "p50_ms": ms(entry["p50_ms"]),
+        "p95_ms": ms(entry["p95_ms"]),
+        "p99_ms": ms(entry["p99_ms"]),
+        "max_ms": ms(entry["max_ms"]),
+        "avg_ms": ms(entry["avg_ms"]),
+        "rps": round(entry["rps"], 1),
     }
 
 
-def main() -> int:
+def judge(summary: dict, *, locust_exit: int, prometheus_ran: bool) -> list[dict]:
+    """The demo's SLO, check by check: {name, ok, detail}."""
+    run_, locust, counts, server = summary["run"], summary["locust"], summary["counts"], summary["server"]
+    crashes = len(run_["crash_schedule_s"])
+    may_break = run_["threads"] * crashes
+    checks = [
+        ("locust ran to the end", locust_exit == 0, f"exit status {locust_exit}"),
+        ("no 5xx answers", server["status_5xx"] == 0, f"{server['status_5xx']} answers with 5xx (server's counter)"),
+        (
+            "locust failures are only the crashes' broken connections",
+            locust["answered_failures"] == 0 and locust["unanswered"] <= may_break,
+            f"{locust['answered_failures']} failed with an answer; {locust['unanswered']} never answered "
+            f"(at most {may_break}: {run_['threads']} threads x {crashes} crash(es))",
+        ),
+        (
+            "worker restarts = scheduled crashes",
+            server["worker_restarts"] == crashes,
+            f"{server['worker_restarts']} observed, {crashes} scheduled",
+        ),
+    ]
+    slo = summary["slo"]["p95_ms"]
+    books = [e for e in summary["endpoints"] if e["endpoint"].split(" ", 1)[1].startswith("/books")]
+    slow = [f"{e['endpoint']} {e['p95_ms']:g} ms" for e in books if e["p95_ms"] is None or e["p95_ms"] > slo]
+    measured = ", ".join(f"{e['endpoint']} {e['p95_ms']:g} ms" for e in books) or "no books requests"
+    checks.append((f"p95 <= {slo:g} ms on every books endpoint", bool(books) and not slow, measured))
+    checks.append(
+        (
+            "the three counts agree",
+            counts["agree"],
+            f"locust answered {counts['locust_answered']}, server {counts['server']}, log {counts['log']} "
+            f"(tolerance {counts['tolerance']})",
+        )
+    )
+    if prometheus_ran:
+        fired = sorted({alert["alertname"] for alert in summary["alerts"]})
+        expected = [RESTART_ALERT] if crashes else []
+        checks.append(
+            (
+                "alerts fired: the crashes' worker restarts, nothing else",
+                fired == expected,
+                f"fired {', '.join(fired) or 'none'}; expected {', '.join(expected) or 'none'}",
+            )
+        )
+    return [{"name": name, "ok": bool(ok), "detail": detail} for name, ok, detail in checks]
+
+
+def summarize(args, *, started, ended, crashes, final, samples, access, deaths, alerts, rate_interval) -> dict:
+    """summary.json (docs/monitoring.md, Load-test demo, has every field)."""
+    server = server_counts(samples)
+    endpoints = [endpoint_row(entry, server, access) for entry in final["endpoints"]]
+    total = endpoint_row(final["total"], server, access)
+    names = {e["endpoint"] for e in endpoints}
+    locust_answered = sum(e["requests"] - e["unanswered"] for e in endpoints)
+    counted = sum(server[name] for name in names)
+    logged = sum(access[name] for name in names)
+    restarts = int(metric(samples, "flaskapi_worker_restarts_total"))
+    tolerance = args.users + args.threads * restarts
+    status_5xx = int(
+        sum(v for n, labels, v in samples if n == "flask_http_request_total" and labels["status"][0] == "5")
+    )
+    summary = {
+        "run": {
+            "start": report.utc_full(started),
+            "end": report.utc_full(ended),
+            "start_unix": started,
+            "end_unix": ended,
+            "users": args.users,
+            "spawn_rate": round(args.users / args.ramp, 1),
+            "ramp_s": args.ramp,
+            "hold_s": args.hold,
+            "duration_s": args.ramp + args.hold,
+            "crash_schedule_s": crashes,
+            "crash_schedule": [report.utc_full(started + at) for at in crashes],
+            "workers": args.workers,
+            "threads": args.threads,
+            "scrape_interval_s": SCRAPE_INTERVAL,
+            "step_s": SCRAPE_INTERVAL,
+            "rate_interval": rate_interval,
+        },
+        "locust": {k: v for k, v in total.items() if k not in ("endpoint", "server", "log")},
+        "endpoints": endpoints,
+        "counts": {
+            "locust_answered": locust_answered,
+            "server": counted,
+            "log": logged,
+            "server_other": {k: v for k, v in sorted(server.items()) if k not in names},
+            "tolerance": tolerance,
+            "tolerance_why": (
+                f"a user cut off at the stop timeout leaves at most one request the server answered and locust "
+                f"never counted ({args.users} users), and a dying worker may take up to {args.threads} answered "
+                f"requests with it ({args.threads} threads x {restarts} restart(s))"
+            ),
+            "agree": abs(counted - locust_answered) <= tolerance and abs(logged - counted) <= tolerance,
+        },
+        "server": {"status_5xx": status_5xx, "worker_restarts": restarts},
+        "worker_deaths": deaths,
+        "alerts": alerts,
+        "slo": {"p95_ms": args.p95_slo_ms, "source": f"{LATENCY_ALERT} in {RULES.relative_to(ROOT)}"},
+    }
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    """summary.md: the verdict, its checks and the requests by endpoint, for a terminal or a PR."""
+    run_, counts = summary["run"], summary["counts"]
+    lines = [
+        f"# Load-test demo: {summary['verdict'].upper()}",
+        "",
+        f"{run_['start']} to {run_['end']}: {run_['users']} users (spawn rate {run_['spawn_rate']:g}/s), "
+        f"{run_['duration_s']:g} s, crashes at {', '.join(f'+{s:g} s' for s in run_['crash_schedule_s']) or 'none'}, "
+        f"{run_['workers']} workers x {run_['threads']} threads.",
+        "",
+        "| check | | measured |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {c['name']} | {'pass' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in summary["checks"]]
+    head = (
+        "| endpoint | requests | failures | never answered | server | log | p50 ms | p95 ms | p99 ms | max ms | req/s |"
+    )
+    lines += ["", head, "| --- |" + " ---: |" * 10]
+    for e in [*summary["endpoints"], {**summary["locust"], "endpoint": "all", **counts}]:
+        cells = [e["requests"], e["failures"], e["unanswered"], e["server"], e["log"]]
+        cells += [e["p50_ms"], e["p95_ms"], e["p99_ms"], e["max_ms"], e["rps"]]
+        lines.append(f"| {e['endpoint']} | " + " | ".join(report.number(c) for c in cells) + " |")
+    lines += ["", f"Counts agree within {counts['tolerance']}: {counts['tolerance_why']}."]
+    for death in summary["worker_deaths"]:
+        lines.append(f"- worker {death['pid']} died at {death['time']} ({death['cause']})")
+    for alert in summary["alerts"]:
+        lines.append(f"- alert {alert['alertname']} fired {alert['start']} to {alert['end']}")
+    lines += ["", "Files: `dashboard.html`, `summary.json`, `locust.html`, `locust.out`, `logs/app.log`."]
+    return "\n".join(lines) + "\n"
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--ramp", type=float, default=60, help="seconds to reach --users")
     parser.add_argument("--hold", type=float, default=30, help="seconds at full load")
-    parser.add_argument("--crash-at", type=float, default=45, help="seconds after start; 0 = no crash")
+    parser.add_argument("--crash-at", default="45", help="seconds after start, comma-separated; 0 = no crash")
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4, help="GUNICORN_THREADS")
+    parser.add_argument("--p95-slo-ms", type=float, default=None, help=f"default: {LATENCY_ALERT}'s threshold")
+    parser.add_argument("--db-uri", default=None, help="a migrated database (default: flaskapi_demo, embedded)")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.crashes = sorted(float(s) for s in args.crash_at.split(",") if float(s) > 0)
+    if args.p95_slo_ms is None:
+        args.p95_slo_ms = slo_p95_ms()
+    return args
 
-    out = args.out or ROOT / "reports" / time.strftime("demo-%Y%m%d-%H%M%S")
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    out = (args.out or ROOT / "reports" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and any(out.iterdir()):
+        # An earlier run's Prometheus data, log and files would be read as this run's.
+        print(f"{out} is not empty: give --out a new or empty folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     prometheus_installed = Path(Prometheus.BINARY).exists()
     if not prometheus_installed:
-        print(
-            "Prometheus is not installed (Debian/Ubuntu: sudo apt-get install prometheus): "
-            "the report will have locust's view only.",
-            file=sys.stderr,
-        )
-
-    duration = int(args.ramp + args.hold)
-    env = stack_env(migrated_demo_database(), out, CRASH_ROUTE_ENABLED="1", LOG_CONSOLE="0")
+        print("Prometheus is not installed (Debian/Ubuntu: apt-get install prometheus): no panels.", file=sys.stderr)
+    duration = args.ramp + args.hold
+    env = stack_env(
+        args.db_uri or migrated_demo_database(),
+        out,
+        CRASH_ROUTE_ENABLED="1",
+        LOG_CONSOLE="0",
+        GUNICORN_THREADS=str(args.threads),
+    )
     locust_port = free_port()
+    rate_interval = report.grafana_rate_interval(SCRAPE_INTERVAL, SCRAPE_INTERVAL)
     print(f"report folder: {out}")
     with Gunicorn(env, workers=args.workers, log_path=out / "gunicorn.out") as stack:
+        stack.wait_for_workers()
         print(f"API {stack.url}   metrics {stack.metrics_url}")
         prometheus = None
         if prometheus_installed:
-            prometheus = Prometheus(
-                out,
-                interval="2s",
-                targets={"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"},
-            ).start()
-            print(f"Prometheus {prometheus.url}")
+            targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
+            prometheus = Prometheus(out, interval=f"{SCRAPE_INTERVAL:g}s", targets=targets).start()
         try:
-            started = time.time()
-            generator = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}")
-            if args.crash_at:
-                generator["LOCUST_CRASH_AT"] = str(args.crash_at)
-            print(
-                f"locust: {args.users} users over {args.ramp:.0f}s, then {args.hold:.0f}s steady"
-                + (f", crash at +{args.crash_at:.0f}s" if args.crash_at else "")
-            )
-            subprocess.run(
-                locust_command(
-                    stack.url,
-                    users=args.users,
-                    rate=f"{args.users / args.ramp:.3f}",
-                    seconds=duration,
-                    stop_timeout=10,
-                    extra=("--csv", str(out / "locust"), "--html", str(out / "locust.html")),
-                ),
-                cwd=ROOT,
-                env=generator,
-                timeout=duration + 120,
-                check=True,
-            )
-            time.sleep(5)
-            ended = time.time()
-            summary = {"users": args.users, "duration_s": duration, **locust_totals(out / "locust")}
             if prometheus is not None:
-                marks = {"crash": started + args.crash_at} if args.crash_at else {}
-                report.render(prometheus, out, start=started, end=ended, step=2, marks=marks)
-                restarts = prometheus.query("sum(flaskapi_worker_restarts_total)", ended)
-                summary["worker_restarts_seen"] = int(float(restarts[0]["value"][1])) if restarts else None
-                server_5xx = prometheus.query('sum(flask_http_request_total{status=~"5.."})', ended)
-                summary["server_5xx"] = int(float(server_5xx[0]["value"][1])) if server_5xx else 0
+                print(f"Prometheus {prometheus.url}")
+                # two scrapes of the app before the load, so every rate has a value from the start
+                wait_for(
+                    lambda: prometheus.query('count_over_time(up{job="flaskapi"}[1m]) >= 2'),
+                    "Prometheus's first two scrapes of the app",
+                )
+
+            generator = locust_env(
+                LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}",
+                LOCUST_SUMMARY_JSON=str(out / "locust-final.json"),
+                LOCUST_CRASH_AT=",".join(f"{s:g}" for s in args.crashes),
+            )
+            print(
+                f"locust: {args.users} users over {args.ramp:g} s, then {args.hold:g} s steady; crashes at "
+                + (", ".join(f"+{s:g} s" for s in args.crashes) or "none")
+            )
+            started = time.time()
+            command = locust_command(
+                stack.url,
+                users=args.users,
+                rate=f"{args.users / args.ramp:.3f}",
+                seconds=duration,
+                stop_timeout=STOP_TIMEOUT,
+                extra=("--html", str(out / "locust.html")),
+            )
+            result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
+            locust_ended = time.time()
+            (out / "locust.out").write_text(result.stdout)
+            # No request comes after locust: the server's counters are final now.
+            samples = scrape(stack.metrics_url)
+            if prometheus is not None:
+                wait_for(
+                    lambda: any(
+                        float(s["value"][1]) > locust_ended for s in prometheus.query('timestamp(up{job="flaskapi"})')
+                    ),
+                    "Prometheus's first scrape of the app after locust ended",
+                )
+            ended = time.time()
+            stack.stop()  # every log line written and the file closed before it is counted
+            access, deaths = read_log(out / "logs" / "app.log", started, ended)
+            final_path = out / "locust-final.json"
+            if not final_path.exists():
+                raise RuntimeError(
+                    f"locust wrote no final statistics (exit {result.returncode}):\n{result.stdout[-3000:]}"
+                )
+            final = json.loads(final_path.read_text())
+            alerts = firing_alerts(prometheus, started, ended, SCRAPE_INTERVAL) if prometheus is not None else []
+            summary = summarize(
+                args,
+                started=started,
+                ended=ended,
+                crashes=args.crashes,
+                final=final,
+                samples=samples,
+                access=access,
+                deaths=deaths,
+                alerts=alerts,
+                rate_interval=rate_interval,
+            )
+            summary["checks"] = judge(summary, locust_exit=result.returncode, prometheus_ran=prometheus is not None)
+            summary["verdict"] = "pass" if all(c["ok"] for c in summary["checks"]) else "fail"
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / "summary.md").write_text(markdown(summary))
+            report.render(
+                prometheus,
+                out,
+                start=started,
+                end=ended,
+                step=SCRAPE_INTERVAL,
+                rate_interval=rate_interval,
+                summary=summary,
+            )
         finally:
             if prometheus is not None:
                 prometheus.stop()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = (
-        [f"# Load-test demo ({time.strftime('%Y-%m-%d %H:%M')})", ""]
-        + [f"- {key}: {value}" for key, value in summary.items()]
-        + ["", "Files: `locust.html`, `locust_stats.csv`, `dashboard.html` (every Grafana panel), `logs/app.log`."]
-    )
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    print(markdown(summary))
+    print(f"report: {out / report.PAGE}")
+    failed = [check for check in summary["checks"] if not check["ok"]]
+    for check in failed:
+        print(f"FAILED: {check['name']}: {check['detail']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

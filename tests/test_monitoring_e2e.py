@@ -299,9 +299,16 @@ def test_restart_and_5xx_alert_expressions_fire_on_the_run(run):
 
 def test_report_renders_every_panel_from_the_dashboard_queries(run, tmp_path):
     prometheus, start, end, _, _ = run
-    summary = report.render(prometheus, tmp_path, start=start, end=end, step=1, rate_interval=RATE)
+    drawn = report.render(prometheus, tmp_path, start=start, end=end, step=1, rate_interval=RATE)
     titles = [panel.title for panel in report.panels(report.load())]
-    assert list(summary) == titles
-    assert all(count > 0 for counts in summary.values() for count in counts.values())
+    assert [panel["title"] for panel in drawn["panels"]] == titles
+    empty = [(p["title"], ref) for p in drawn["panels"] for ref, count in p["series"].items() if count == 0]
+    assert empty == []
+    for panel in drawn["panels"]:  # every figure on the run's time axis
+        assert panel["xlim"] and all(limits == pytest.approx([start, end]) for limits in panel["xlim"]), panel["title"]
     assert len(list(tmp_path.glob("panel-*.png"))) == len(titles)
-    assert "<img" in (tmp_path / "dashboard.html").read_text()
+    page = (tmp_path / "dashboard.html").read_text()
+    assert page.count("<img ") == len(titles)
+    assert "$__" not in page
+    # the crash, as the dashboard's own annotation queries saw it
+    assert drawn["annotations"], "no annotation for the run's worker restart"
