@@ -51,6 +51,8 @@ def alert_rules() -> list[dict]:
 def test_config_is_valid(tmp_path):
     output = amtool("check-config", str(CONFIG)).stdout
     assert "SUCCESS" in output and "1 templates" in output, output
+    # amtool parses the templates it finds but does not say when a pattern finds none
+    assert all(list(CONFIG.parent.glob(pattern)) for pattern in yaml.safe_load(CONFIG.read_text())["templates"])
     # and as the tests run it: rendered with local receivers, templates by absolute path
     rendered = harness.render(
         yaml.safe_load(CONFIG.read_text()),
