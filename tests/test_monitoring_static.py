@@ -99,7 +99,7 @@ def test_prometheus_config_scrapes_the_app_the_load_generator_and_itself():
     config = load_yaml(PROMETHEUS_CONFIG)
     assert config["global"]["scrape_interval"] == "5s"
     assert config["global"]["evaluation_interval"] == "5s"
-    assert config["rule_files"] == ["rules/flaskapi.rules.yml", "rules/slo.rules.yml"]
+    assert config["rule_files"] == ["rules/flaskapi.rules.yml", "rules/slo.rules.yml", "rules/meta.rules.yml"]
     jobs = {
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
     }
