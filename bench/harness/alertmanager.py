@@ -80,6 +80,7 @@ class Alertmanager(ManagedProcess):
                 "(Debian/Ubuntu, with amtool; .ci/system-deps.sh installs it)"
             )
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.address}"

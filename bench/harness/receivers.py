@@ -39,14 +39,17 @@ class Mail:
 
     @property
     def text(self) -> str:
-        """The plain-text body, decoded (Alertmanager sends it quoted-printable)."""
-        part = self.message.get_body(preferencelist=("plain",))
-        return "" if part is None else part.get_content()
+        """The plain-text body, decoded (Alertmanager sends it quoted-printable), with the wire's
+        CRLF line ends as newlines."""
+        return self._body("plain")
 
     @property
     def html(self) -> str:
-        part = self.message.get_body(preferencelist=("html",))
-        return "" if part is None else part.get_content()
+        return self._body("html")
+
+    def _body(self, subtype: str) -> str:
+        part = self.message.get_body(preferencelist=(subtype,))
+        return "" if part is None else part.get_content().replace("\r\n", "\n")
 
 
 @dataclass(frozen=True)
