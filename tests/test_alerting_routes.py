@@ -219,6 +219,26 @@ def test_a_ticket_is_mailed_to_the_team_only(stack):
     assert posted(hook, job) == []
 
 
+def test_every_alert_is_delivered_to_its_receivers(stack):
+    """One alert of every rule (every tier), each in a job of its own so that none holds back
+    another: a page by mail to on-call and on the webhook, a ticket by mail to the team only,
+    the inhibitor to nobody."""
+    manager, smtp, hook = stack
+    sent = [alert(r["alert"], new_job(), instance="app:9200", **r["labels"]) for r in alert_rules()]
+    manager.post(sent)
+    expected = {"oncall": ((ONCALL,), 1), "team": ((TEAM,), 0), "null": (None, 0)}
+    for one in sent:
+        to, posts = expected[RECEIVER_OF[one["labels"]["severity"]]]
+        if to is not None:
+            smtp.wait_for(lambda m, one=one, to=to: label_line(one) in m.text and m.to == to, f"{one['labels']} mailed")
+        if posts:
+            hook.wait_for(lambda p, one=one: p.path == "/oncall" and posted_in(p, one["labels"]["job"]), "posted")
+    for one in sent:
+        to, posts = expected[RECEIVER_OF[one["labels"]["severity"]]]
+        assert len([m for m in smtp.received() if label_line(one) in m.text]) == (to is not None), one["labels"]
+        assert len([p for p in hook.received() if posted_in(p, one["labels"]["job"])]) == posts, one["labels"]
+
+
 INHIBITIONS = {
     "a target down holds back its instance's alerts": (
         [("FlaskapiTargetDown", {"instance": "a:9200"})],
