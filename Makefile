@@ -38,7 +38,7 @@ LOCUST_HOST ?= http://127.0.0.1:5000
 locust: install ## locust's web UI on http://127.0.0.1:8089, the project's locustfile against $${LOCUST_HOST:-http://127.0.0.1:5000} (`make run` first)
 	$(BIN)/locust -f locustfile.py --host $(LOCUST_HOST) --web-host 127.0.0.1 $(LOCUST_ARGS)
 
-system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, nginx, shellcheck, docker-compose, wrk, chromium-headless-shell)
+system-deps: ## Debian tools the tests and benchmarks run for real (prometheus, prometheus-alertmanager, nginx, shellcheck, docker-compose, wrk, chromium-headless-shell, jq)
 	bash .ci/system-deps.sh
 
 lint: install ## ruff: the rules in pyproject.toml, and the formatting (`ruff format .` fixes it)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The system tools the test suite runs for real, from Debian's packages, installed when missing:
-# prometheus + promtool (alert rules, the end-to-end monitoring test), nginx (nginx -t and a live
+# prometheus + promtool (alert rules, the end-to-end monitoring test), prometheus-alertmanager +
+# amtool (routes, inhibitions, notifications end to end), nginx (nginx -t and a live
 # proxy), shellcheck (install.sh), docker-compose (compose file validation), wrk (the benchmarks'
 # saturation load, and its harness test), chromium-headless-shell (/docs rendered with no network),
 # jq (the log recipes of docs/logging.md, run as written).
 # Used by `make test` and `make bench`.
 set -euo pipefail
 missing=()
-for tool in prometheus:prometheus promtool:prometheus nginx:nginx shellcheck:shellcheck \
+for tool in prometheus:prometheus promtool:prometheus prometheus-alertmanager:prometheus-alertmanager \
+            amtool:prometheus-alertmanager nginx:nginx shellcheck:shellcheck \
             docker-compose:docker-compose systemd-analyze:systemd wrk:wrk \
             chromium-headless-shell:chromium-headless-shell jq:jq; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 \

@@ -2,8 +2,9 @@
 fails with the apt-get line that installs them, never skips; run with a timeout, a failure
 showing what they printed.
 
-Needs systemd-analyze (systemd), nginx, shellcheck, docker-compose and prometheus/promtool
-(`apt-get install --no-install-recommends systemd nginx shellcheck docker-compose prometheus`).
+Needs systemd-analyze (systemd), nginx, shellcheck, docker-compose, prometheus/promtool and
+prometheus-alertmanager/amtool (`apt-get install --no-install-recommends systemd nginx shellcheck
+docker-compose prometheus prometheus-alertmanager`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ APT = {
     "docker-compose": "docker-compose",
     "promtool": "prometheus",
     "prometheus": "prometheus",
+    "amtool": "prometheus-alertmanager",
+    "prometheus-alertmanager": "prometheus-alertmanager",
 }
 
 

@@ -1,7 +1,7 @@
 """docker-compose.yml and the Dockerfile: `docker-compose config -q`, the host paths it mounts,
-its published ports (only the edge publishes the API), its nginx, Prometheus and Grafana files
-against the repo's (the site rendered, promtool), and the image's CMD and HEALTHCHECK run
-against a real gunicorn."""
+its published ports (only the edge publishes the API), its nginx, Prometheus, Alertmanager and
+Grafana files against the repo's (the site rendered, promtool, amtool), and the image's CMD and
+HEALTHCHECK run against a real gunicorn."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -47,6 +48,7 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
         "app",
         "nginx",
         "prometheus",
+        "alertmanager",
         "grafana",
         "locust-master",
         "locust-worker",
@@ -67,7 +69,13 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
             published[name] = int(host_port)
     # The API only through the edge: gunicorn's port is on the compose network, never the host's.
-    assert published == {"nginx": 8080, "prometheus": 9090, "grafana": 3000, "locust-master": 8089}
+    assert published == {
+        "nginx": 8080,
+        "prometheus": 9090,
+        "alertmanager": 9093,
+        "grafana": 3000,
+        "locust-master": 8089,
+    }
     assert "ports" not in services["app"] and services["nginx"]["ports"] == ["127.0.0.1:8080:80"]
     assert "9200" not in json.dumps({n: s.get("ports", []) for n, s in services.items()})
     assert "5000" not in json.dumps({n: s.get("ports", []) for n, s in services.items()})
@@ -113,7 +121,7 @@ def test_compose_nginx_is_the_site_rendered_for_the_app_service():
 
 def without_targets(config: dict) -> dict:
     config = json.loads(json.dumps(config))
-    for job in config["scrape_configs"]:
+    for job in config["scrape_configs"] + config["alerting"]["alertmanagers"]:
         for static in job.get("static_configs", []):
             static.pop("targets")
     return config
@@ -127,6 +135,7 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
         job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]] for job in ours["scrape_configs"]
     }
     assert targets == {"flaskapi": ["app:9200"], "locust": ["locust-master:9646"], "prometheus": ["localhost:9090"]}
+    assert [a["static_configs"][0]["targets"] for a in ours["alerting"]["alertmanagers"]] == [["alertmanager:9093"]]
     mounts = dict(v.split(":")[:2] for v in compose()["services"]["prometheus"]["volumes"])
     assert mounts["./deploy/compose/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     assert mounts["./monitoring/rules"] == "/etc/prometheus/rules"
@@ -134,6 +143,23 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
     shutil.copy(DEPLOY / "compose" / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copytree(ROOT / "monitoring" / "rules", tmp_path / "rules")
     run([tool("promtool"), "check", "config", tmp_path / "prometheus.yml"])
+
+
+def test_compose_alertmanager_is_the_repo_config_with_its_templates(tmp_path):
+    service = compose()["services"]["alertmanager"]
+    mounts = dict(v.split(":")[:2] for v in service["volumes"])
+    assert mounts["./monitoring/alertmanager.yml"] == "/etc/alertmanager/alertmanager.yml"
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in service["command"]
+    assert "--cluster.listen-address=" in service["command"]
+    # As mounted: the templates where the config's relative path finds them, checked by amtool.
+    config_dir = Path(mounts["./monitoring/alertmanager.yml"]).parent
+    templates = Path(mounts["./monitoring/alertmanager"])
+    shutil.copy(ROOT / "monitoring" / "alertmanager.yml", tmp_path / "alertmanager.yml")
+    shutil.copytree(ROOT / "monitoring" / "alertmanager", tmp_path / templates.relative_to(config_dir))
+    output = run([tool("amtool"), "check-config", tmp_path / "alertmanager.yml"]).stdout
+    assert "1 templates" in output, output
+    patterns = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())["templates"]
+    assert all(list(tmp_path.glob(pattern)) for pattern in patterns), "the templates are not where the config says"
 
 
 def test_compose_grafana_datasource_differs_from_the_repo_one_only_in_its_url():

@@ -1,6 +1,7 @@
 """The systemd units, checked with the real tools and run here as systemd would run them.
 
-`systemd-analyze verify` on every unit and the Prometheus drop-in (any warning line fails),
+`systemd-analyze verify` on every unit and the monitoring host's drop-ins for Prometheus and
+Alertmanager (any warning line fails),
 then the units' own commands executed in order, as systemd would with their
 Environment=/EnvironmentFile=: migrations as the database role create_db.sql makes, gunicorn
 telling READY=1 on a NOTIFY_SOCKET, a reload (HUP) that keeps the master, a graceful stop
@@ -76,39 +77,50 @@ def test_units_verify_without_a_single_warning(tmp_path):
     assert "NoSuchKey" in verify([tmp_path / "flaskapi.service"])
 
 
-def test_prometheus_drop_in_verifies_on_the_distribution_unit(tmp_path):
-    base = next(
-        (
-            p
-            for p in (
-                Path("/lib/systemd/system/prometheus.service"),
-                Path("/usr/lib/systemd/system/prometheus.service"),
-            )
-            if p.exists()
-        ),
-        None,
-    )
+# The monitoring host's drop-ins: Debian's unit, its package, and the flags the drop-in must set.
+DROP_INS = {
+    "prometheus.service": (
+        "prometheus",
+        ["--config.file=/etc/prometheus/flaskapi/prometheus.yml", "--web.listen-address=127.0.0.1:9090"],
+    ),
+    "prometheus-alertmanager.service": (
+        "prometheus-alertmanager",
+        [
+            "--config.file=/etc/prometheus/flaskapi/alertmanager.yml",
+            "--web.listen-address=127.0.0.1:9093",
+            "--cluster.listen-address=",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("unit", DROP_INS)
+def test_monitoring_drop_in_verifies_on_the_distribution_unit(tmp_path, unit):
+    package, flags = DROP_INS[unit]
+    base = next((p for d in ("/lib/systemd/system", "/usr/lib/systemd/system") if (p := Path(d) / unit).exists()), None)
     if base is None:
-        tool("prometheus")
+        tool(package)
         pytest.fail(
-            "prometheus is installed but not its systemd unit: install Debian's `prometheus` package", pytrace=False
+            f"{package} is installed but not its systemd unit: install Debian's `{package}` package", pytrace=False
         )
-    drop_in = SYSTEMD / "prometheus.service.d" / "flaskapi.conf"
-    shutil.copy(base, tmp_path / "prometheus.service")
-    (tmp_path / "prometheus.service.d").mkdir()
-    shutil.copy(drop_in, tmp_path / "prometheus.service.d" / "flaskapi.conf")
-    output = verify([tmp_path / "prometheus.service"])
+    drop_in = SYSTEMD / f"{unit}.d" / "flaskapi.conf"
+    shutil.copy(base, tmp_path / unit)
+    (tmp_path / f"{unit}.d").mkdir()
+    shutil.copy(drop_in, tmp_path / f"{unit}.d" / "flaskapi.conf")
+    output = verify([tmp_path / unit])
     assert output == "", f"systemd-analyze verify:\n{output}"
 
     # The drop-in is read (a bad key in it is reported), so the clean result above covers it.
-    (tmp_path / "prometheus.service.d" / "flaskapi.conf").write_text(drop_in.read_text() + "NoSuchKey=1\n")
-    assert "flaskapi.conf" in verify([tmp_path / "prometheus.service"])
+    (tmp_path / f"{unit}.d" / "flaskapi.conf").write_text(drop_in.read_text() + "NoSuchKey=1\n")
+    assert "flaskapi.conf" in verify([tmp_path / unit])
 
     exec_start = parse_unit(drop_in)["Service"]["ExecStart"]
     assert exec_start[0] == "", "ExecStart= must be reset before it is replaced"
     args = shlex.split(exec_start[1])
-    assert "--config.file=/etc/prometheus/flaskapi/prometheus.yml" in args
-    assert "--web.listen-address=127.0.0.1:9090" in args
+    assert args[0] == f"/usr/bin/{package}"
+    for flag in flags:
+        assert flag in args, flag
+    assert args[-1] == "$ARGS", "the distribution's /etc/default file is still read"
 
 
 def test_app_unit_has_what_the_deployment_relies_on():

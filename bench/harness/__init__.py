@@ -9,6 +9,8 @@ start and stop real processes, and what they share to look at them.
     nginx         the project's nginx site rendered for a private nginx (make run-edge, tests,
                   the compose variant), and that nginx as a process
     prometheus    the real Prometheus with the repo's config and rules, and its query API
+    alertmanager  the real Alertmanager with the repo's routes and templates, its receivers local
+    receivers     a local SMTP server and webhook receiver that record every notification
     scrape        samples of a Prometheus text endpoint
     sentry_receiver  a local stand-in for Sentry's ingestion endpoint
 

@@ -1,6 +1,7 @@
 """The real Prometheus binary with the repo's config and rules (monitoring/), its targets
-pointed at the given loopback ports and its intervals shortened for a short run; with the two
-API calls the tests and the report make (query, query_range)."""
+pointed at the given loopback ports and its intervals shortened for a short run; with the API
+calls the tests and the report make (query, query_range, alerts). It sends alerts only to the
+Alertmanager it is given (bench/harness/alertmanager.py), never to the config's."""
 
 from __future__ import annotations
 
@@ -20,8 +21,18 @@ class Prometheus(ManagedProcess):
     BINARY = "/usr/bin/prometheus"
     name = "prometheus"
 
-    def __init__(self, workdir: Path, *, targets: dict[str, str], interval: str = "5s") -> None:
-        """`targets`: {job name: host:port}; the repo's jobs not named get no target."""
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        targets: dict[str, str],
+        interval: str = "5s",
+        alertmanager: str | None = None,
+        rule_files: list[Path] | None = None,
+    ) -> None:
+        """`targets`: {job name: host:port}; the repo's jobs not named get no target.
+        `alertmanager`: host:port to send alerts to (None: alerts stay in Prometheus).
+        `rule_files`: instead of the repo's (a time-compressed copy, monitoring/slo.py)."""
         if not Path(self.BINARY).exists():
             raise RuntimeError(
                 "Prometheus is not installed: apt-get install prometheus (Debian/Ubuntu; .ci/run installs it)"
@@ -31,7 +42,15 @@ class Prometheus(ManagedProcess):
         self.url = f"http://127.0.0.1:{self.port}"
         config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
         config["global"].update(scrape_interval=interval, evaluation_interval=interval, scrape_timeout=interval)
-        config["rule_files"] = [str(ROOT / "monitoring" / rule) for rule in config.get("rule_files", [])]
+        if rule_files is None:
+            config["rule_files"] = [str(ROOT / "monitoring" / rule) for rule in config.get("rule_files", [])]
+        else:
+            config["rule_files"] = [str(path) for path in rule_files]
+        alerting = config.pop("alerting", None)
+        if alertmanager is not None:
+            config["alerting"] = alerting or {"alertmanagers": [{}]}
+            for entry in config["alerting"]["alertmanagers"]:
+                entry["static_configs"] = [{"targets": [alertmanager]}]
         targets = {**targets, "prometheus": f"127.0.0.1:{self.port}"}
         for job in config["scrape_configs"]:
             job["scrape_interval"] = interval
@@ -67,3 +86,8 @@ class Prometheus(ManagedProcess):
         if body.get("status") != "success":
             raise ValueError(f"{expr}: {body.get('error')}")
         return body["data"]["result"]
+
+    def alerts(self) -> list[dict]:
+        """The alerts its rules hold now, pending or firing, with labels and `state`."""
+        body = requests.get(self.url + "/api/v1/alerts", timeout=30).json()
+        return body["data"]["alerts"]
