@@ -83,13 +83,29 @@ def test_every_slo_has_its_recording_rules_and_every_tier():
         if "slo" in rule["labels"]
     }
     assert slo.windows(spec) == ["5m", "30m", "1h", "6h", "3d"]
+    assert spec["period"] == "30d"  # the budget's window, recorded too (the dashboard's budget left)
     for objective in spec["slos"]:
-        for window in slo.windows(spec):
+        for window in [*slo.windows(spec), spec["period"]]:
             for name in ("requests", "error_ratio"):
                 assert (f"flaskapi_slo:{name}:rate{window}", objective["name"]) in recorded
         assert {t for t in tiers if t[1] == objective["name"]} == {
             (objective["alert"], objective["name"], tier["long"]) for tier in spec["tiers"]
         }
+
+
+def test_long_windows_and_the_budget_are_evaluated_less_often():
+    spec = slo.load()
+    groups = {group["name"]: group for group in load_yaml(slo.RULES)["groups"]}
+    for objective in spec["slos"]:
+        name = f"flaskapi-slo-{objective['name']}"
+        assert "interval" not in groups[name], "the pages' short windows: at the global interval"
+        assert groups[f"{name}-slow"]["interval"] == spec["slow_windows_interval"]
+        budget = groups[f"{name}-budget"]
+        assert budget["interval"] == spec["budget_interval"]
+        assert [rule["record"] for rule in budget["rules"]] == [
+            f"flaskapi_slo:requests:rate{spec['period']}",
+            f"flaskapi_slo:error_ratio:rate{spec['period']}",
+        ]
 
 
 def test_compress_shortens_windows_fors_and_intervals_but_not_below_the_floor():
