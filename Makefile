@@ -56,7 +56,7 @@ test-stress: install system-deps ## the suite while busy loops hold $${STRESS_CO
 	echo "busy loops on $(STRESS_CORES) core(s): pids$$hogs"; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: install ## 200-user locust ramp with a crash, watched by Prometheus, judged (exit 1 on a failed check); report in reports/
+demo: install ## 200-user locust ramp with a crash, watched by Prometheus and Alertmanager, judged (exit 1 on a failed check); report in reports/
 	$(BIN)/python -m bench.demo $(DEMO_ARGS)
 
 bench: install system-deps ## the full benchmark (about 8 minutes): figures and ratios, bench/results/

@@ -1,9 +1,11 @@
-"""`make demo`: the lesson's load test, watched and judged. Starts the stack (crash route on) and
-Prometheus, ramps headless locust with worker crashes on a schedule, counts every request three
-ways (locust, the server's counter, the access log), judges the run against the demo's SLO and
-writes a report folder: dashboard.html (every dashboard panel from Prometheus, the run's numbers
-on top), summary.json, summary.md, locust.html, logs/app.log and Prometheus's data (tsdb/, for
-`python -m bench.report`). Stops everything it started.
+"""`make demo`: the lesson's load test, watched and judged. Starts the stack (crash route on),
+Prometheus with the repo's rules and Alertmanager with the repo's routes (its mail and webhook
+going to local receivers), ramps headless locust with worker crashes on a schedule, counts every
+request three ways (locust, the server's counter, the access log), waits for the notifications
+the crashes should send, judges the run against the demo's SLO and writes a report folder:
+dashboard.html (every dashboard panel from Prometheus, the run's numbers and the notifications
+delivered on top), summary.json, summary.md, locust.html, logs/app.log and Prometheus's data
+(tsdb/, for `python -m bench.report`). Stops everything it started.
 
     python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45[,70]] [--workers 3]
                          [--threads 4] [--p95-slo-ms 500] [--db-uri URI] [--out reports/demo-...]
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import json
 import re
@@ -26,11 +29,13 @@ from pathlib import Path
 import yaml
 
 from bench import report, run
+from bench.harness.alertmanager import Alertmanager
 from bench.harness.commands import run_command
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
+from bench.harness.receivers import SmtpReceiver, WebhookReceiver
 from bench.harness.scrape import metric, scrape
 
 RULES = ROOT / "monitoring" / "rules" / "flaskapi.rules.yml"
@@ -38,6 +43,17 @@ LATENCY_ALERT = "FlaskapiLatencyP95AboveSLO"
 RESTART_ALERT = "FlaskapiWorkerRestarted"
 SCRAPE_INTERVAL = 2.0  # Prometheus's, and the report's query step
 STOP_TIMEOUT = 10  # seconds locust lets its users finish the request in hand at the end
+# Alertmanager's waits. The repo's (a ticket's first notification after 30 s, a page's after 10 s,
+# a group's changes every 1 to 5 min) batch what fires within a few of production's 5 s
+# evaluations; the demo evaluates every 2 s and its short run lasts 25 s, so the same batching at
+# its own pace: two evaluations for what fires together, a few for a group's changes.
+ALERTMANAGER_WAITS = {"group_wait": "4s", "group_interval": "10s", "repeat_interval": "1h"}  # no repeat in a demo
+NOTIFICATION_TIMEOUT = 60  # seconds the demo waits after the load for the notifications it expects
+# FlaskapiWorkerRestarted is a warning: a ticket, mailed to the team (monitoring/alertmanager.yml).
+CRASH_NOTIFICATION = ("team", "email", RESTART_ALERT)
+# The subject of every mail, as monitoring/alertmanager/templates/flaskapi.tmpl writes it:
+# "[FIRING:1] FlaskapiWorkerRestarted (warning) flaskapi".
+SUBJECT = re.compile(r"\[(?P<status>[A-Z]+)(?::\d+)?\] (?P<alertname>\S+) \((?P<severity>[^)]*)\)")
 
 
 def migrated_demo_database() -> str:
@@ -114,6 +130,59 @@ def firing_alerts(prometheus, start: float, end: float, step: float) -> list[dic
     return sorted(found, key=lambda alert: alert["start_unix"])
 
 
+def notifications(smtp: SmtpReceiver, hook: WebhookReceiver, mail_receivers: dict[str, str]) -> list[dict]:
+    """Every notification the local receivers took, in arrival order: to whom (the receiver, by
+    email or webhook, the address or path), about what (the alert, firing or resolved, its
+    severity), when it arrived, and what a person reads first (the mail's subject, the summary
+    of its first alert)."""
+    found = []
+    for mail in smtp.received():
+        subject = SUBJECT.match(mail.subject)
+        first = mail.text.split("\n", 1)[0]  # "FIRING: <summary>"
+        found.append(
+            {
+                "receiver": mail_receivers.get(mail.to[0], "") if mail.to else "",
+                "channel": "email",
+                "to": ", ".join(mail.to),
+                "alertname": subject["alertname"] if subject else "",
+                "status": subject["status"].lower() if subject else "",
+                "severity": subject["severity"] if subject else "",
+                "arrived_unix": mail.received,
+                "arrived": report.utc_full(mail.received),
+                "subject": mail.subject,
+                "summary": first.split(": ", 1)[-1],
+            }
+        )
+    for post in hook.received():
+        labels, alerts = post.body.get("commonLabels", {}), post.alerts
+        found.append(
+            {
+                "receiver": post.body.get("receiver", ""),
+                "channel": "webhook",
+                "to": post.path,
+                "alertname": labels.get("alertname", ""),
+                "status": post.body.get("status", ""),
+                "severity": labels.get("severity", ""),
+                "arrived_unix": post.received,
+                "arrived": report.utc_full(post.received),
+                "subject": "",
+                "summary": alerts[0].get("annotations", {}).get("summary", "") if alerts else "",
+            }
+        )
+    return sorted(found, key=lambda notification: notification["arrived_unix"])
+
+
+def expected_notifications(crashes: list[float]) -> list[tuple[str, str, str]]:
+    """(receiver, channel, alert) of what the run must deliver: the crashes' ticket."""
+    return [CRASH_NOTIFICATION] if crashes else []
+
+
+def arrived(found: list[dict], expected: list[tuple[str, str, str]]) -> bool:
+    """Whether each expected notification has arrived firing."""
+    firing = {(n["receiver"], n["channel"], n["alertname"]) for n in found if n["status"] == "firing"}
+    return set(expected) <= firing
+
+
 def ms(value) -> float | None:
     return None if value is None else round(float(value), 1)
 
@@ -139,7 +208,7 @@ def endpoint_row(entry: dict, server: collections.Counter, access: collections.C
     }
 
 
-def judge(summary: dict, *, locust_exit: int, prometheus_ran: bool) -> list[dict]:
+def judge(summary: dict, *, locust_exit: int, prometheus_ran: bool, alertmanager_ran: bool = False) -> list[dict]:
     """The demo's SLO, check by check: {name, ok, detail}."""
     run_, locust, counts, server = summary["run"], summary["locust"], summary["counts"], summary["server"]
     crashes = len(run_["crash_schedule_s"])
@@ -175,17 +244,30 @@ def judge(summary: dict, *, locust_exit: int, prometheus_ran: bool) -> list[dict
     if prometheus_ran:
         fired = sorted({alert["alertname"] for alert in summary["alerts"]})
         expected = [RESTART_ALERT] if crashes else []
-        checks.append(
-            (
-                "alerts fired: the crashes' worker restarts, nothing else",
-                fired == expected,
-                f"fired {', '.join(fired) or 'none'}; expected {', '.join(expected) or 'none'}",
+        name = "alerts fired: the crashes' worker restarts, nothing else"
+        ok = fired == expected
+        detail = f"fired {', '.join(fired) or 'none'}; expected {', '.join(expected) or 'none'}"
+        if alertmanager_ran:
+            # a resolution may follow on a long run: what was sent must be about what is expected
+            wanted = expected_notifications(run_["crash_schedule_s"])
+            sent = sorted({(n["receiver"], n["channel"], n["alertname"]) for n in summary["notifications"]})
+            name = "alerts as expected: the crashes' worker restarts fired and were mailed to the team, nothing else"
+            ok = ok and sent == sorted(wanted) and arrived(summary["notifications"], wanted)
+
+            def said(items) -> str:
+                return ", ".join(f"{alert} by {channel} to {receiver}" for receiver, channel, alert in items) or "none"
+
+            detail += (
+                f"; delivered {said(sent)} (firing: {'yes' if arrived(summary['notifications'], wanted) else 'no'}); "
+                f"expected {said(wanted)}, within {NOTIFICATION_TIMEOUT} s of the load's end"
             )
-        )
+        checks.append((name, ok, detail))
     return [{"name": name, "ok": bool(ok), "detail": detail} for name, ok, detail in checks]
 
 
-def summarize(args, *, started, ended, crashes, final, samples, access, deaths, alerts, rate_interval) -> dict:
+def summarize(
+    args, *, started, ended, crashes, final, samples, access, deaths, alerts, rate_interval, notifications=None
+) -> dict:
     """summary.json (docs/monitoring.md, Load-test demo, has every field)."""
     server = server_counts(samples)
     endpoints = [endpoint_row(entry, server, access) for entry in final["endpoints"]]
@@ -217,6 +299,7 @@ def summarize(args, *, started, ended, crashes, final, samples, access, deaths, 
             "scrape_interval_s": SCRAPE_INTERVAL,
             "step_s": SCRAPE_INTERVAL,
             "rate_interval": rate_interval,
+            "alertmanager": None if notifications is None else ALERTMANAGER_WAITS,
         },
         "locust": {k: v for k, v in total.items() if k not in ("endpoint", "server", "log")},
         "endpoints": endpoints,
@@ -236,6 +319,7 @@ def summarize(args, *, started, ended, crashes, final, samples, access, deaths, 
         "server": {"status_5xx": status_5xx, "worker_restarts": restarts},
         "worker_deaths": deaths,
         "alerts": alerts,
+        "notifications": notifications or [],
         "slo": {"p95_ms": args.p95_slo_ms, "source": f"{LATENCY_ALERT} in {RULES.relative_to(ROOT)}"},
     }
     return summary
@@ -268,6 +352,11 @@ def markdown(summary: dict) -> str:
         lines.append(f"- worker {death['pid']} died at {death['time']} ({death['cause']})")
     for alert in summary["alerts"]:
         lines.append(f"- alert {alert['alertname']} fired {alert['start']} to {alert['end']}")
+    for sent in summary["notifications"]:
+        lines.append(
+            f"- {sent['status']} {sent['alertname']} ({sent['severity']}) by {sent['channel']} to {sent['receiver']} "
+            f"({sent['to']}), arrived {sent['arrived']}: {sent['subject'] or sent['summary']}"
+        )
     lines += ["", "Files: `dashboard.html`, `summary.json`, `locust.html`, `locust.out`, `logs/app.log`."]
     return "\n".join(lines) + "\n"
 
@@ -301,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     prometheus_installed = Path(Prometheus.BINARY).exists()
     if not prometheus_installed:
         print("Prometheus is not installed (Debian/Ubuntu: apt-get install prometheus): no panels.", file=sys.stderr)
+    alertmanager_installed = prometheus_installed and Path(Alertmanager.BINARY).exists()
+    if prometheus_installed and not alertmanager_installed:
+        print(
+            "Alertmanager is not installed (Debian/Ubuntu: apt-get install prometheus-alertmanager): no notifications.",
+            file=sys.stderr,
+        )
     duration = args.ramp + args.hold
     env = stack_env(
         args.db_uri or migrated_demo_database(),
@@ -312,90 +407,124 @@ def main(argv: list[str] | None = None) -> int:
     locust_port = free_port()
     rate_interval = report.grafana_rate_interval(SCRAPE_INTERVAL, SCRAPE_INTERVAL)
     print(f"report folder: {out}")
-    with Gunicorn(env, workers=args.workers, log_path=out / "gunicorn.out") as stack:
+    with (
+        Gunicorn(env, workers=args.workers, log_path=out / "gunicorn.out") as stack,
+        contextlib.ExitStack() as monitoring,  # stopped first, in the reverse order of their start
+    ):
         stack.wait_for_workers()
         print(f"API {stack.url}   metrics {stack.metrics_url}")
-        prometheus = None
+        prometheus = alertmanager = None
+        if alertmanager_installed:
+            smtp = monitoring.enter_context(SmtpReceiver())
+            hook = monitoring.enter_context(WebhookReceiver())
+            alertmanager = monitoring.enter_context(
+                Alertmanager(out / "alertmanager", smarthost=smtp.smarthost, webhook_url=hook.url, **ALERTMANAGER_WAITS)
+            )
+            print(f"Alertmanager {alertmanager.url}   mail to {smtp.smarthost}   webhooks to {hook.url}")
         if prometheus_installed:
             targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
-            prometheus = Prometheus(out, interval=f"{SCRAPE_INTERVAL:g}s", targets=targets).start()
-        try:
-            if prometheus is not None:
-                print(f"Prometheus {prometheus.url}")
-                # two scrapes of the app before the load, so every rate has a value from the start
-                wait_for(
-                    lambda: prometheus.query('count_over_time(up{job="flaskapi"}[1m]) >= 2'),
-                    "Prometheus's first two scrapes of the app",
+            prometheus = monitoring.enter_context(
+                Prometheus(
+                    out,
+                    interval=f"{SCRAPE_INTERVAL:g}s",
+                    targets=targets,
+                    alertmanager=alertmanager.address if alertmanager is not None else None,
+                    # the SLO's long windows and budget too: once a minute or every 5 minutes, a
+                    # short run would end before they were evaluated
+                    every_group_at_interval=True,
                 )
+            )
+            print(f"Prometheus {prometheus.url}")
+            # two scrapes of the app before the load, so every rate has a value from the start
+            wait_for(
+                lambda: prometheus.query('count_over_time(up{job="flaskapi"}[1m]) >= 2'),
+                "Prometheus's first two scrapes of the app",
+            )
 
-            generator = locust_env(
-                LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}",
-                LOCUST_SUMMARY_JSON=str(out / "locust-final.json"),
-                LOCUST_CRASH_AT=",".join(f"{s:g}" for s in args.crashes),
+        generator = locust_env(
+            LOCUST_METRICS_BIND=f"127.0.0.1:{locust_port}",
+            LOCUST_SUMMARY_JSON=str(out / "locust-final.json"),
+            LOCUST_CRASH_AT=",".join(f"{s:g}" for s in args.crashes),
+        )
+        print(
+            f"locust: {args.users} users over {args.ramp:g} s, then {args.hold:g} s steady; crashes at "
+            + (", ".join(f"+{s:g} s" for s in args.crashes) or "none")
+        )
+        started = time.time()
+        command = locust_command(
+            stack.url,
+            users=args.users,
+            rate=f"{args.users / args.ramp:.3f}",
+            seconds=duration,
+            stop_timeout=STOP_TIMEOUT,
+            extra=("--html", str(out / "locust.html")),
+        )
+        result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
+        locust_ended = time.time()
+        (out / "locust.out").write_text(result.stdout)
+        # No request comes after locust: the server's counters are final now.
+        samples = scrape(stack.metrics_url)
+        if prometheus is not None:
+            wait_for(
+                lambda: any(
+                    float(s["value"][1]) > locust_ended for s in prometheus.query('timestamp(up{job="flaskapi"})')
+                ),
+                "Prometheus's first scrape of the app after locust ended",
             )
-            print(
-                f"locust: {args.users} users over {args.ramp:g} s, then {args.hold:g} s steady; crashes at "
-                + (", ".join(f"+{s:g} s" for s in args.crashes) or "none")
-            )
-            started = time.time()
-            command = locust_command(
-                stack.url,
-                users=args.users,
-                rate=f"{args.users / args.ramp:.3f}",
-                seconds=duration,
-                stop_timeout=STOP_TIMEOUT,
-                extra=("--html", str(out / "locust.html")),
-            )
-            result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
-            locust_ended = time.time()
-            (out / "locust.out").write_text(result.stdout)
-            # No request comes after locust: the server's counters are final now.
-            samples = scrape(stack.metrics_url)
-            if prometheus is not None:
+        ended = time.time()
+        delivered = None
+        if alertmanager is not None:
+            # while the app still answers scrapes (stopped, it would be an alert of its own)
+            mail_receivers = alertmanager.mail_receivers()
+            expected = expected_notifications(args.crashes)
+            try:
                 wait_for(
-                    lambda: any(
-                        float(s["value"][1]) > locust_ended for s in prometheus.query('timestamp(up{job="flaskapi"})')
-                    ),
-                    "Prometheus's first scrape of the app after locust ended",
+                    lambda: arrived(notifications(smtp, hook, mail_receivers), expected),
+                    "the notifications the crashes send",
+                    timeout=NOTIFICATION_TIMEOUT,
+                    interval=0.2,
                 )
-            ended = time.time()
-            stack.stop()  # every log line written and the file closed before it is counted
-            access, deaths = read_log(out / "logs" / "app.log", started, ended)
-            final_path = out / "locust-final.json"
-            if not final_path.exists():
-                raise RuntimeError(
-                    f"locust wrote no final statistics (exit {result.returncode}):\n{result.stdout[-3000:]}"
-                )
-            final = json.loads(final_path.read_text())
-            alerts = firing_alerts(prometheus, started, ended, SCRAPE_INTERVAL) if prometheus is not None else []
-            summary = summarize(
-                args,
-                started=started,
-                ended=ended,
-                crashes=args.crashes,
-                final=final,
-                samples=samples,
-                access=access,
-                deaths=deaths,
-                alerts=alerts,
-                rate_interval=rate_interval,
-            )
-            summary["checks"] = judge(summary, locust_exit=result.returncode, prometheus_ran=prometheus is not None)
-            summary["verdict"] = "pass" if all(c["ok"] for c in summary["checks"]) else "fail"
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (out / "summary.md").write_text(markdown(summary))
-            report.render(
-                prometheus,
-                out,
-                start=started,
-                end=ended,
-                step=SCRAPE_INTERVAL,
-                rate_interval=rate_interval,
-                summary=summary,
-            )
-        finally:
-            if prometheus is not None:
-                prometheus.stop()
+            except AssertionError as exc:
+                print(f"{exc}: the report lists those that arrived", file=sys.stderr)
+            delivered = notifications(smtp, hook, mail_receivers)
+        stack.stop()  # every log line written and the file closed before it is counted
+        access, deaths = read_log(out / "logs" / "app.log", started, ended)
+        final_path = out / "locust-final.json"
+        if not final_path.exists():
+            raise RuntimeError(f"locust wrote no final statistics (exit {result.returncode}):\n{result.stdout[-3000:]}")
+        final = json.loads(final_path.read_text())
+        alerts = firing_alerts(prometheus, started, ended, SCRAPE_INTERVAL) if prometheus is not None else []
+        summary = summarize(
+            args,
+            started=started,
+            ended=ended,
+            crashes=args.crashes,
+            final=final,
+            samples=samples,
+            access=access,
+            deaths=deaths,
+            alerts=alerts,
+            rate_interval=rate_interval,
+            notifications=delivered,
+        )
+        summary["checks"] = judge(
+            summary,
+            locust_exit=result.returncode,
+            prometheus_ran=prometheus is not None,
+            alertmanager_ran=alertmanager is not None,
+        )
+        summary["verdict"] = "pass" if all(c["ok"] for c in summary["checks"]) else "fail"
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.md").write_text(markdown(summary))
+        report.render(
+            prometheus,
+            out,
+            start=started,
+            end=ended,
+            step=SCRAPE_INTERVAL,
+            rate_interval=rate_interval,
+            summary=summary,
+        )
     print(markdown(summary))
     print(f"report: {out / report.PAGE}")
     failed = [check for check in summary["checks"] if not check["ok"]]

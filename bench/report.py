@@ -1106,6 +1106,10 @@ def headline(summary: dict) -> str:
         (number(summary["server"]["worker_restarts"]), "worker restarts observed", ""),
         (number(len(summary["alerts"])), "alerts fired", ""),
     ]
+    notifications = summary.get("notifications", [])
+    waits = summary["run"].get("alertmanager")
+    if waits is not None:
+        cards.append((number(len(notifications)), "notifications delivered", ""))
     parts = ["<section><div class=cards>"]
     parts += [
         f"<div class='card {cls}'><b class='{cls}'>{_e(big)}</b><span>{_e(small)}</span></div>"
@@ -1180,6 +1184,13 @@ def headline(summary: dict) -> str:
             "scrape / step / rate window",
             f"{run['scrape_interval_s']:g} s / {run['step_s']:g} s / {run['rate_interval']}",
         ),
+        (
+            "Alertmanager waits",
+            "not run"
+            if waits is None
+            else f"group_wait {waits['group_wait']}, group_interval {waits['group_interval']}, "
+            f"repeat_interval {waits['repeat_interval']}",
+        ),
     ]
     parts.append("<div class=two><div><h2>Run parameters</h2>" + _table(["", ""], parameters, 2) + "</div>")
     deaths = [[utc(d["time_unix"]), d["pid"], d["cause"]] for d in summary["worker_deaths"]]
@@ -1201,7 +1212,25 @@ def headline(summary: dict) -> str:
         if alerts
         else "<p class=muted>none</p>"
     )
-    parts.append("</div></div></section>")
+    parts.append("</div></div>")
+    if waits is not None:
+        parts.append("<h2>Notifications delivered (Alertmanager, to the local mail server and webhook)</h2>")
+        rows = [
+            [
+                utc(n["arrived_unix"]),
+                n["receiver"],
+                n["channel"],
+                n["to"],
+                n["alertname"],
+                n["status"],
+                n["severity"],
+                n["subject"] or n["summary"],
+            ]
+            for n in notifications
+        ]
+        head = ["arrived (UTC)", "receiver", "by", "to", "alert", "status", "severity", "subject / summary"]
+        parts.append(_table(head, rows, len(head)) if rows else "<p class=muted>none</p>")
+    parts.append("</section>")
     return "".join(parts)
 
 

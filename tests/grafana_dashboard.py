@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 
-# The series the service exports (the app's, the master's, the standard process ones) and the
-# alerts Prometheus derives from its rules: every selector of one of them must follow the
-# dashboard's job and instance variables.
-SERVICE_METRIC = re.compile(r"\b(?:flask_[a-z_]+|flaskapi_[a-z_]+|process_[a-z_]+|ALERTS)\b")
+# The series the service exports (the app's, the master's, the standard process ones), the
+# series Prometheus records from them (`flaskapi_slo:error_ratio:rate5m`: the colons of a
+# recording rule) and the alerts it derives from its rules: every selector of one of them must
+# follow the dashboard's job and instance variables, as far as the series carry the labels.
+SERVICE_METRIC = re.compile(r"\b(?:flask_[a-z_]+|flaskapi_[a-z_]+(?::[a-z_0-9]+)*|process_[a-z_]+|ALERTS)\b")
 JOB = 'job=~"$job"'
 INSTANCE = re.compile(r'instance=~"\$instance\|?"')
 
@@ -53,14 +54,20 @@ def label_values(query: str) -> tuple[str, str]:
     return match.group(1).strip(), match.group(2)
 
 
+def recorded(name: str) -> bool:
+    """A recording rule's series: the SLO rules sum by job, so it has no instance to filter on."""
+    return ":" in name
+
+
 def unfiltered_selectors(expr: str) -> list[str]:
     """The selectors of service series in `expr` that do not filter on both `job=~"$job"` and
-    `instance=~"$instance"` (or `"$instance|"`, which also keeps alerts without an instance)."""
+    `instance=~"$instance"` (or `"$instance|"`, which also keeps alerts without an instance); a
+    recorded series on `job=~"$job"` alone."""
     bad = []
     for match in SERVICE_METRIC.finditer(expr):
         rest = expr[match.end() :]
         selector = re.match(r"\{([^}]*)\}", rest)
         matchers = selector.group(1) if selector else ""
-        if JOB not in matchers or not INSTANCE.search(matchers):
+        if JOB not in matchers or not (recorded(match.group(0)) or INSTANCE.search(matchers)):
             bad.append(match.group(0) + (selector.group(0) if selector else ""))
     return bad

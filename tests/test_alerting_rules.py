@@ -83,13 +83,29 @@ def test_every_slo_has_its_recording_rules_and_every_tier():
         if "slo" in rule["labels"]
     }
     assert slo.windows(spec) == ["5m", "30m", "1h", "6h", "3d"]
+    assert spec["period"] == "30d"  # the budget's window, recorded too (the dashboard's budget left)
     for objective in spec["slos"]:
-        for window in slo.windows(spec):
+        for window in [*slo.windows(spec), spec["period"]]:
             for name in ("requests", "error_ratio"):
                 assert (f"flaskapi_slo:{name}:rate{window}", objective["name"]) in recorded
         assert {t for t in tiers if t[1] == objective["name"]} == {
             (objective["alert"], objective["name"], tier["long"]) for tier in spec["tiers"]
         }
+
+
+def test_long_windows_and_the_budget_are_evaluated_less_often():
+    spec = slo.load()
+    groups = {group["name"]: group for group in load_yaml(slo.RULES)["groups"]}
+    for objective in spec["slos"]:
+        name = f"flaskapi-slo-{objective['name']}"
+        assert "interval" not in groups[name], "the pages' short windows: at the global interval"
+        assert groups[f"{name}-slow"]["interval"] == spec["slow_windows_interval"]
+        budget = groups[f"{name}-budget"]
+        assert budget["interval"] == spec["budget_interval"]
+        assert [rule["record"] for rule in budget["rules"]] == [
+            f"flaskapi_slo:requests:rate{spec['period']}",
+            f"flaskapi_slo:error_ratio:rate{spec['period']}",
+        ]
 
 
 def test_compress_shortens_windows_fors_and_intervals_but_not_below_the_floor():
@@ -261,3 +277,27 @@ def test_every_rule_expr_is_valid_promql(prometheus):
         if answer.get("status") != "success":
             failures.append(f"{rule.get('alert') or rule['record']}: {answer.get('errorType')}: {answer.get('error')}")
     assert failures == []
+
+
+def test_a_short_run_evaluates_the_long_windows_and_the_budget_at_the_global_interval(tmp_path):
+    """The harness option the demo and the dashboard's end-to-end test use: the groups with an
+    interval of their own (once a minute, every 5 minutes) evaluated every second like the others,
+    with the same rules."""
+    tool("prometheus")
+    with Prometheus(tmp_path, targets={}, interval="1s", every_group_at_interval=True) as server:
+
+        def evaluated():
+            groups = requests.get(server.url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+            done = all(rule["lastEvaluation"].startswith("2") for group in groups for rule in group["rules"])
+            return groups if done else None
+
+        groups = wait_for(evaluated, "every rule evaluated once", timeout=60)
+    assert {group["interval"] for group in groups} == {1}
+    originals = {g["name"]: g for path in RULE_FILES for g in load_yaml(path)["groups"]}
+    assert {g["name"] for g in groups} == set(originals) and any("interval" in g for g in originals.values())
+    for group in groups:
+        loaded = [(rule["name"], rule.get("duration", 0)) for rule in group["rules"]]
+        assert loaded == [
+            (rule.get("alert") or rule["record"], slo.seconds(rule.get("for", "0s")) if "alert" in rule else 0)
+            for rule in originals[group["name"]]["rules"]
+        ], group["name"]

@@ -1,6 +1,7 @@
-"""`make demo` and its report: a short real demo (gunicorn, Prometheus, locust, a crash) that must
-pass its own SLO verdict with three request counts that agree, one that must fail it, the page
-it writes, a synthetic dashboard rendered from the demo's kept Prometheus data (every drawing
+"""`make demo` and its report: a short real demo (gunicorn, Prometheus, Alertmanager with local
+mail and webhook receivers, locust, a crash) that must pass its own SLO verdict with three request
+counts that agree and the crash's ticket mailed to the team, one that must fail it, the page it
+writes, a synthetic dashboard rendered from the demo's kept Prometheus data (every drawing
 convention of bench/report.py), and the formatting rules on injected values."""
 
 from __future__ import annotations
@@ -56,6 +57,60 @@ def test_the_demo_passes_its_verdict(passing):
     assert summary["server"]["worker_restarts"] == 1
     assert [d["cause"] for d in summary["worker_deaths"]] == ["exit code 1"]
     assert "FlaskapiWorkerRestarted" in {a["alertname"] for a in summary["alerts"]}
+    assert "alerts as expected: the crashes' worker restarts fired and were mailed to the team, nothing else" in {
+        c["name"] for c in summary["checks"]
+    }
+
+
+def test_the_crash_is_mailed_to_the_team_during_the_run_and_listed(passing):
+    """The real Alertmanager, with the repo's routes and templates, mailed the crash's ticket to
+    the local SMTP server after its group_wait; the report lists it with its arrival time."""
+    _, _, summary, out = passing
+    [death] = summary["worker_deaths"]
+    [firing] = [a for a in summary["alerts"] if a["alertname"] == "FlaskapiWorkerRestarted"]
+    assert summary["run"]["alertmanager"] == bench_demo.ALERTMANAGER_WAITS
+    [mail] = [n for n in summary["notifications"] if n["status"] == "firing"]
+    assert [n for n in summary["notifications"] if n is not mail] == []  # no page, nothing else, no repeat
+    assert (mail["receiver"], mail["channel"], mail["to"]) == ("team", "email", "team@example.com")
+    assert (mail["alertname"], mail["severity"]) == ("FlaskapiWorkerRestarted", "warning")
+    assert mail["subject"] == "[FIRING:1] FlaskapiWorkerRestarted (warning) flaskapi"
+    assert mail["summary"] == "A flaskapi worker died and was replaced"
+    assert mail["arrived"] == report.utc_full(mail["arrived_unix"])
+    # after the death it reports, and no sooner than its group_wait after the alert fired (the
+    # span starts at the first query step at or after that evaluation)
+    group_wait = report.parse_duration(bench_demo.ALERTMANAGER_WAITS["group_wait"])
+    assert death["time_unix"] < mail["arrived_unix"]
+    assert mail["arrived_unix"] >= firing["start_unix"] - SCRAPE + group_wait
+    page = (out / "dashboard.html").read_text()
+    assert "Notifications delivered" in page
+    row = (
+        f"<tr><td class='text'>{report.utc(mail['arrived_unix'])}</td><td class='text'>team</td>"
+        "<td class='text'>email</td><td class='text'>team@example.com</td>"
+        "<td class='text'>FlaskapiWorkerRestarted</td><td class='text'>firing</td><td class='text'>warning</td>"
+        f"<td class='text'>{mail['subject']}</td></tr>"
+    )
+    assert row in page
+    assert f"arrived {mail['arrived']}: {mail['subject']}" in (out / "summary.md").read_text()
+    assert "group_wait 4s" in page
+
+
+def test_the_alert_check_wants_the_crash_mailed_to_the_team_and_nothing_else(passing):
+    _, _, summary, _ = passing
+    [mail] = summary["notifications"]
+
+    def passes(notifications) -> bool:
+        judged = bench_demo.judge(
+            {**summary, "notifications": notifications}, locust_exit=0, prometheus_ran=True, alertmanager_ran=True
+        )
+        [check] = [c for c in judged if c["name"].startswith("alerts as expected")]
+        return check["ok"]
+
+    assert passes([mail])
+    assert not passes([])  # never arrived
+    assert not passes([{**mail, "status": "resolved"}])  # only its resolution
+    assert not passes([mail, {**mail, "receiver": "oncall"}])  # a ticket that paged
+    assert not passes([mail, {**mail, "alertname": "FlaskapiHigh5xxRatio"}])  # another alert
+    assert passes([mail, {**mail, "status": "resolved"}])  # resolved, as on a run past 5 minutes
 
 
 def test_locust_numbers_are_its_final_ones(passing):
@@ -142,6 +197,7 @@ def test_a_run_that_misses_its_objective_exits_non_zero(migrated_database, tmp_p
     assert summary["verdict"] == "fail"
     assert [c["name"] for c in summary["checks"] if not c["ok"]] == ["p95 <= 0.001 ms on every books endpoint"]
     assert "FAILED: p95 <= 0.001 ms on every books endpoint" in output
+    assert summary["notifications"] == []  # no crash: nothing to tell anyone, and nothing told
     assert "FAIL" in (tmp_path / "dashboard.html").read_text()
 
 

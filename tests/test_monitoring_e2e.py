@@ -1,6 +1,10 @@
 """The dashboard and alerts on real data: gunicorn + Prometheus + a short locust run with one
 crash and one slow-database spell, then every dashboard query evaluated through Prometheus, and
-what the panels say about the crash checked against the master's own log line."""
+what the panels say about the crash checked against the master's own log line, and about the
+spell's 503s against the SLOs.
+
+Prometheus loads the repo's rules with every group at its 1 s interval: the SLO's long windows
+(once a minute) and budget (every 5 minutes) would not be evaluated once in a run of seconds."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
 from bench.harness.scrape import metric, scrape
+from monitoring import slo
 from service.observability.master_metrics import LOWEST_WINDOW_SECONDS
 from tests import grafana_dashboard
 
@@ -63,7 +68,15 @@ def run(migrated_database, tmp_path_factory):
     with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
         stack.wait_for_workers()  # every worker up before the range the tests read begins
         targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
-        with Prometheus(data_dir, targets=targets, interval=f"{SCRAPE_SECONDS}s") as prometheus:
+        with Prometheus(
+            data_dir, targets=targets, interval=f"{SCRAPE_SECONDS}s", every_group_at_interval=True
+        ) as prometheus:
+            # Two scrapes of the app before the load (the first comes up to 5 s after Prometheus is
+            # ready): every rate sees the load from its start, the users' sign-ups and logins too.
+            wait_for(
+                lambda: prometheus.query('count_over_time(up{job="flaskapi"}[1m]) >= 2'),
+                "Prometheus's first two scrapes of the app",
+            )
             started_wall = time.time()
             staller = threading.Thread(target=hold_books_lock, args=(db_uri, stack.metrics_url))
             staller.start()
@@ -276,6 +289,37 @@ def test_alerts_panel_and_annotation_show_the_restart_alert_firing_from_the_deat
     assert len(times) >= 3 and all(round(b - a, 3) == STEP for a, b in itertools.pairwise(times))
     seen = min(t for t in scrapes_of_the_app(prometheus, start, end) if t > died_at)
     assert seen < times[0] <= seen + 2 * SCRAPE_SECONDS + STEP, (died_at, seen, times[0])
+
+
+def test_slo_row_tells_the_run(run):
+    """The spell's 503s spend the availability budget past the fast page's line; and on a run
+    shorter than every window, each window is the run so far: the burn lines of an SLO end on one
+    value, and its budget left is 1 minus it, as the panels' descriptions say."""
+    prometheus, start, end, _, _ = run
+    board = report.load()
+    spec = slo.load()
+    ended_at = {}
+    for objective in spec["slos"]:
+        name = objective["name"].replace("-", " ").capitalize()
+        burn = grafana_dashboard.panel(board, f"{name} SLO: burn rate by window")
+        last = {}
+        for target in burn["targets"]:
+            [series] = prometheus.query(evaluate(target["expr"]), end)
+            last[target["legendFormat"]] = float(series["value"][1])
+        assert set(last) == set(slo.windows(spec))
+        for window, value in last.items():
+            assert value == pytest.approx(last["5m"], rel=0.1, abs=0.01), (objective["name"], window, last)
+        left = grafana_dashboard.target_expr(board, f"{name} SLO: error budget left ({spec['period']})")
+        [series] = prometheus.query(evaluate(left), end)
+        assert float(series["value"][1]) == pytest.approx(1 - last["5m"], rel=0.1, abs=0.01), objective["name"]
+        ended_at[objective["name"]] = float(series["value"][1])
+
+    availability = grafana_dashboard.panel(board, "Availability SLO: burn rate by window")
+    [fast] = [t["expr"] for t in availability["targets"] if t["legendFormat"] == "5m"]
+    [series] = prometheus.query_range(evaluate(fast), start, end, STEP)
+    page = max(tier["burn_rate"] for tier in spec["tiers"])
+    assert max(float(value) for _, value in series["values"]) > page
+    assert ended_at["availability"] < 0, "the spell overspent the budget a run this short has"
 
 
 def test_load_generator_series_are_present(run):

@@ -22,6 +22,7 @@ import yaml
 from bench import report
 from bench.harness.environment import ROOT
 from bench.harness.prometheus import Prometheus
+from monitoring import slo
 from tests import grafana_dashboard
 
 MONITORING = ROOT / "monitoring"
@@ -135,6 +136,14 @@ def test_dashboard_provisioning():
 # Rows and the panels under each, in order: what an SRE reads top to bottom.
 ROWS = {
     "Alerts": ["Alerts firing"],
+    "SLOs": [
+        "Availability SLO: error budget left (30d)",
+        "Books latency SLO: error budget left (30d)",
+        "Auth latency SLO: error budget left (30d)",
+        "Availability SLO: burn rate by window",
+        "Books latency SLO: burn rate by window",
+        "Auth latency SLO: burn rate by window",
+    ],
     "Traffic": ["Locust users", "Locust RPS and failures/s", "Request rate by route"],
     "Errors": ["Error ratio (5xx, 4xx)", "5xx ratio by route", "4xx ratio by route", "Errors/s by status"],
     "Latency": [
@@ -272,6 +281,11 @@ def test_a_selector_without_the_variables_is_caught():
     assert not grafana_dashboard.unfiltered_selectors(
         'sum(rate(flask_http_request_total{job=~"$job", instance=~"$instance", status=~"5.."}[1m]))'
     )
+    # a recorded SLO series has job and slo, no instance: job is all it can follow
+    assert grafana_dashboard.unfiltered_selectors('flaskapi_slo:error_ratio:rate5m{slo="availability"} / 0.001')
+    assert not grafana_dashboard.unfiltered_selectors(
+        'flaskapi_slo:error_ratio:rate5m{job=~"$job", slo="availability"} / 0.001'
+    )
 
 
 def test_every_service_query_follows_the_job_and_instance_variables():
@@ -390,6 +404,69 @@ def test_database_up_is_a_stat_with_up_and_down():
     assert options == {"0": "DOWN", "1": "UP"}
 
 
+def slo_panels(objective: dict) -> tuple[dict, dict]:
+    """(error budget left, burn rate by window) of one SLO of monitoring/slo.yml."""
+    name = objective["name"].replace("-", " ").capitalize()
+    board = dashboard()
+    period = slo.load()["period"]
+    return (
+        grafana_dashboard.panel(board, f"{name} SLO: error budget left ({period})"),
+        grafana_dashboard.panel(board, f"{name} SLO: burn rate by window"),
+    )
+
+
+def test_slo_row_shows_every_slo_of_the_spec():
+    """Per SLO of monitoring/slo.yml: the budget left over its period and the burn rate over each
+    window its tiers read, from the recorded series, divided by the spec's own budget, with the
+    tiers' burn rates as the dashed lines; both panels link to the SLO alert's runbook."""
+    spec = slo.load()
+    assert [objective["name"] for objective in spec["slos"]] == ["availability", "books-latency", "auth-latency"]
+    recorded = {
+        rule["record"] for group in load_yaml(slo.RULES)["groups"] for rule in group["rules"] if "record" in rule
+    }
+    for objective in spec["slos"]:
+        budget_left, burn = slo_panels(objective)
+        budget = slo.number(1 - objective["objective"])
+        selector = f'{{job=~"$job", slo="{objective["name"]}"}}'
+
+        assert budget_left["type"] == "stat"
+        assert budget_left["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        (target,) = budget_left["targets"]
+        assert target["expr"] == f"1 - flaskapi_slo:error_ratio:rate{spec['period']}{selector} / {budget}"
+        assert budget_left["options"]["reduceOptions"]["calcs"] == ["lastNotNull"]
+        steps = budget_left["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [(s["color"], s["value"]) for s in steps] == [("red", None), ("orange", 0), ("green", 0.25)]
+
+        assert burn["type"] == "timeseries"
+        assert [t["legendFormat"] for t in burn["targets"]] == slo.windows(spec)
+        for target in burn["targets"]:
+            assert target["expr"] == f"flaskapi_slo:error_ratio:rate{target['legendFormat']}{selector} / {budget}"
+        defaults = burn["fieldConfig"]["defaults"]
+        assert defaults["custom"]["thresholdsStyle"]["mode"] == "dashed"
+        lines = [step["value"] for step in defaults["thresholds"]["steps"] if step["value"] is not None]
+        assert lines == sorted(tier["burn_rate"] for tier in spec["tiers"]) == [1, 6, 14.4]
+        for tier in spec["tiers"]:
+            drawn = f"{tier['long']} and {tier['short']} are both over {slo.number(tier['burn_rate'])}"
+            assert drawn in burn["description"], tier
+
+        for panel in (budget_left, burn):
+            names = {n for t in panel["targets"] for n in grafana_dashboard.SERVICE_METRIC.findall(t["expr"])}
+            assert names and names <= recorded, f"{panel['title']} reads series no rule records: {names - recorded}"
+            assert budget in panel["description"] and objective["name"] in panel["description"], panel["title"]
+            urls = [link["url"] for link in panel["links"]]
+            assert f"${{docs_base}}/runbooks/{objective['alert']}.md" in urls, panel["title"]
+            assert "${docs_base}/monitoring.md#service-level-objectives" in urls, panel["title"]
+
+
+def test_slo_row_comes_right_after_the_alerts():
+    """What fired, then what it costs: the alert lanes (the SLO alerts among them) serve as the
+    row's alert list, and are not repeated in it."""
+    titles = [row["title"] for row, _ in grafana_dashboard.rows(dashboard())]
+    assert titles[:2] == ["Alerts", "SLOs"]
+    (slos,) = [members for row, members in grafana_dashboard.rows(dashboard()) if row["title"] == "SLOs"]
+    assert not [p["title"] for p in slos if any("ALERTS" in t["expr"] for t in p["targets"])]
+
+
 def doc_anchors(path: Path) -> set[str]:
     """GitHub's anchors for the headings of a markdown page."""
     headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
@@ -402,7 +479,7 @@ def test_every_link_points_at_a_docs_page_and_heading_that_exist():
     for link in links:
         page, _, anchor = link["url"].removeprefix("${docs_base}/").partition("#")
         assert (DOCS / page).is_file(), link
-        assert anchor in doc_anchors(DOCS / page), link
+        assert not anchor or anchor in doc_anchors(DOCS / page), link
 
 
 def test_alert_driven_panels_link_to_the_runbooks():

@@ -92,6 +92,7 @@ class Alertmanager(ManagedProcess):
             group_interval=group_interval,
             repeat_interval=repeat_interval,
         )
+        self.config = config
         self.config_path = workdir / "alertmanager.yml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         super().__init__(
@@ -105,6 +106,14 @@ class Alertmanager(ManagedProcess):
             log_path=workdir / "alertmanager.out",
             ready_url=self.url + "/-/ready",
         )
+
+    def mail_receivers(self) -> dict[str, str]:
+        """{address: receiver name} of every receiver that mails: who a mail was for."""
+        return {
+            mail["to"]: receiver["name"]
+            for receiver in self.config["receivers"]
+            for mail in receiver.get("email_configs", [])
+        }
 
     def post(self, alerts: list[dict]) -> None:
         """Alerts as Prometheus sends them (labels, annotations, startsAt/endsAt)."""

@@ -29,10 +29,15 @@ class Prometheus(ManagedProcess):
         interval: str = "5s",
         alertmanager: str | None = None,
         rule_files: list[Path] | None = None,
+        every_group_at_interval: bool = False,
     ) -> None:
         """`targets`: {job name: host:port}; the repo's jobs not named get no target.
         `alertmanager`: host:port to send alerts to (None: alerts stay in Prometheus).
-        `rule_files`: instead of the repo's (a time-compressed copy, monitoring/slo.py)."""
+        `rule_files`: instead of the repo's (a time-compressed copy, monitoring/slo.py).
+        `every_group_at_interval`: the rule groups that have an `interval` of their own (the SLO's
+        long windows once a minute, its budget every 5 minutes) evaluated at `interval` like the
+        others, from copies of the files under `workdir`: a run of seconds would otherwise end
+        before they were evaluated once. Same expressions and `for`s, evaluated more often."""
         if not Path(self.BINARY).exists():
             raise RuntimeError(
                 "Prometheus is not installed: apt-get install prometheus (Debian/Ubuntu; .ci/run installs it)"
@@ -43,9 +48,10 @@ class Prometheus(ManagedProcess):
         config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
         config["global"].update(scrape_interval=interval, evaluation_interval=interval, scrape_timeout=interval)
         if rule_files is None:
-            config["rule_files"] = [str(ROOT / "monitoring" / rule) for rule in config.get("rule_files", [])]
-        else:
-            config["rule_files"] = [str(path) for path in rule_files]
+            rule_files = [ROOT / "monitoring" / rule for rule in config.get("rule_files", [])]
+        if every_group_at_interval:
+            rule_files = [self._at_global_interval(Path(path)) for path in rule_files]
+        config["rule_files"] = [str(path) for path in rule_files]
         alerting = config.pop("alerting", None)
         if alertmanager is not None:
             config["alerting"] = alerting or {"alertmanagers": [{}]}
@@ -68,6 +74,15 @@ class Prometheus(ManagedProcess):
             log_path=workdir / "prometheus.out",
             ready_url=self.url + "/-/ready",
         )
+
+    def _at_global_interval(self, path: Path) -> Path:
+        document = yaml.safe_load(path.read_text())
+        for group in document["groups"]:
+            group.pop("interval", None)
+        copy = self.workdir / "rules" / path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(yaml.safe_dump(document, sort_keys=False))
+        return copy
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         response = requests.get(
