@@ -267,9 +267,15 @@ def test_locust_rps_agrees_with_the_server_rate_at_steady_state(run):
     ]
     assert len(steady) >= 3, f"too few steady points to compare: {steady}"
     for at in steady:
-        # the same answers counted by two series of the exporter (by status; by route and status)
+        # the same answers counted by two series of the exporter (by status; by route and status),
+        # scraped together: they agree point by point
         assert answered[at] == pytest.approx(by_route[at], rel=0.05)
-        assert locust[at] == pytest.approx(answered[at], rel=0.1), (at - start, locust[at], answered[at])
+    # Locust and the server are two targets scraped at different moments, so one point's rates
+    # differ by the requests of that offset (about 10 % of a 10 s window at this load, more on a
+    # busy box); over every steady point the offsets cancel. Named by path, locust read 38 % low.
+    sent = sum(locust[at] for at in steady)
+    served = sum(answered[at] for at in steady)
+    assert sent == pytest.approx(served, rel=0.1), [(at - start, locust[at], answered[at]) for at in steady]
 
 
 def test_alerts_panel_and_annotation_show_the_restart_alert_firing_from_the_death(run):
