@@ -13,7 +13,7 @@ What is read from Grafana's JSON model (schemaVersion 39):
 - `stat`/`gauge`/`bargauge`: `options.reduceOptions.calcs`, value mappings, threshold colours;
 - `heatmap`: targets of cumulative `le` buckets (format "heatmap"), drawn as per-bucket rates;
 - `state-timeline`/`status-history`/`table` (ALERTS): spans of each series over time;
-- `annotations.list` entries with an `expr`: evaluated with query_range at their `step`;
+- `annotations.list` entries with an `expr`: evaluated with query_range at their `step` (or the report's, if finer);
   consecutive points of a series are one region, a lone point an event (Grafana's rule);
 - `templating.list` variables and Grafana's `$__` macros, substituted before Prometheus sees them.
 
@@ -497,11 +497,13 @@ def aligned(start: float, step: float) -> float:
 
 def annotation_queries(dashboard: dict, values: dict, *, step: float, macros: dict) -> list[tuple[dict, str, float]]:
     """(entry, query as sent, step) of each enabled Prometheus annotation query: its own `step`,
-    else the report's; `$__interval` is that step, as Grafana sends annotation queries."""
+    or the report's when that is finer (the dashboard writes its annotation queries for any step,
+    and a short run scraped every 2 s places a death 2 s after it, not 5); `$__interval` is that
+    step, as Grafana sends annotation queries."""
     found = []
     for entry in dashboard.get("annotations", {}).get("list", []):
         if entry.get("expr") and entry.get("enable") is not False and _prometheus(entry.get("datasource")):
-            every = parse_duration(entry.get("step")) or step
+            every = min(parse_duration(entry.get("step")) or step, step)
             query = substitute(entry["expr"], **{**macros, "interval": f"{every:g}s"}, variables=values)
             found.append((entry, query, every))
     return found
