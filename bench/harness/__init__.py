@@ -11,6 +11,7 @@ start and stop real processes, and what they share to look at them.
     prometheus    the real Prometheus with the repo's config and rules, and its query API
     scrape        samples of a Prometheus text endpoint
     sentry_receiver  a local stand-in for Sentry's ingestion endpoint
+    rsyslog       log shipping as deployed: an app host's forwarder and the log host's receiver
 
 Import the modules themselves: this file imports nothing, so `import bench.harness` is cheap.
 The harness never imports the test suite.

@@ -101,7 +101,10 @@ class Forwarder(Rsyslogd):
 
     name = "forwarder"
 
-    def __init__(self, log_file: Path, *, target: str, hostname: str, workdir: Path) -> None:
+    def __init__(
+        self, log_file: Path, *, target: str, hostname: str, workdir: Path, config: Path = FORWARD_CONF
+    ) -> None:
+        """`config`: another forward.conf (a test's TLS variant)."""
         self.hostname = hostname
         self.state_dir = Path(workdir) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ class Forwarder(Rsyslogd):
             "LOG_HOST": host,
             "LOG_HOST_PORT": port,
         }
-        super().__init__(FORWARD_CONF, settings, workdir)
+        super().__init__(config, settings, workdir)
         self.name = f"forwarder {hostname}"
 
     def queue_bytes(self) -> int:
@@ -130,11 +133,18 @@ class CentralReceiver(Rsyslogd):
     """The log host's receiver (deploy/rsyslog/central.conf) on a loopback port (`target`),
     writing `central_dir`/app.log (`combined`), `central_dir`/hosts/<host>/app.log
     (`host_file(host)`) and `central_dir`/duplicates.log (`duplicates`). `port`: a given one, to
-    start a second receiver where the first one was."""
+    start a second receiver where the first one was; `config`: another central.conf."""
 
     name = "central receiver"
 
-    def __init__(self, central_dir: Path, *, workdir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        central_dir: Path,
+        *,
+        workdir: Path | None = None,
+        port: int | None = None,
+        config: Path = CENTRAL_CONF,
+    ) -> None:
         self.central_dir = Path(central_dir)
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -150,7 +160,7 @@ class CentralReceiver(Rsyslogd):
             "CENTRAL_PORT": str(self.port),
             "CENTRAL_LINES": str(CENTRAL_LINES),
         }
-        super().__init__(CENTRAL_CONF, settings, workdir)
+        super().__init__(config, settings, workdir)
         self.combined = self.central_dir / "app.log"
         self.duplicates = self.central_dir / "duplicates.log"
 
@@ -181,8 +191,8 @@ class CentralReceiver(Rsyslogd):
 
 def render_logrotate(central_dir: Path, pid_file: Path) -> str:
     """deploy/rsyslog/logrotate-central for files under `central_dir` and the rsyslogd of
-    `pid_file`, rotated by whoever runs logrotate (its `su` line dropped): each of the three
-    paths must appear in the file, or it drifted from what this renders."""
+    `pid_file`, rotated by whoever runs logrotate (its `su` line dropped): both paths must appear
+    in the file, or it drifted from what this renders."""
     text = LOGROTATE_CENTRAL.read_text()
     for written, here in (
         ("/var/log/flaskapi-central", str(central_dir)),
