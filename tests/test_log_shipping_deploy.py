@@ -1,7 +1,7 @@
 """Log shipping's deployment files with the real tools: each rsyslog config reads only settings its
 systemd unit (or the env file install.sh writes) gives, and `rsyslogd -N1` accepts it with them;
 `systemd-analyze verify` on both units; install.sh --role log-host and --log-host into a --root
-tree and as a --dry-run."""
+tree and as a --dry-run; the compose services that ship the app's log volume."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import stat
 import pytest
 from dotenv import dotenv_values
 
+from bench.harness.environment import ROOT
 from bench.harness.rsyslog import CENTRAL_CONF, FORWARD_CONF, LOGROTATE_CENTRAL, RSYSLOG_DIR, RSYSLOGD
-from tests.deploy_files import DEPLOY, INSTALL, SYSTEMD, one, parse_unit, unit_environment
+from tests.deploy_files import DEPLOY, INSTALL, SYSTEMD, compose, dockerfile_stages, one, parse_unit, unit_environment
 from tests.deploy_tools import run, tool
 
 LOGSHIP_UNIT = SYSTEMD / "flaskapi-logship.service"
@@ -127,3 +128,23 @@ def test_install_app_host_with_log_shipping(tmp_path):
     ):
         assert line in dry.stdout, line
     assert "logship" not in install("--dry-run").stdout  # only when asked
+
+
+def test_compose_ships_the_apps_log_volume_to_the_log_host():
+    services = compose()["services"]
+    app, logship, loghost = services["app"], services["logship"], services["loghost"]
+    assert app["environment"]["LOG_TO_FILE"] == "1"
+    assert f"app-logs:{app['environment']['LOG_DIR']}" in app["volumes"]
+    assert f"app-logs:{logship['environment']['LOGSHIP_FILE'].rsplit('/', 1)[0]}:ro" in logship["volumes"]
+    # Each config gets every setting it reads, and reads its settings from the mounted repo file.
+    assert set(logship["environment"]) == settings_read(FORWARD_CONF)
+    assert set(loghost["environment"]) == settings_read(CENTRAL_CONF)
+    assert "./deploy/rsyslog/forward.conf:/etc/flaskapi/logship.conf:ro" in logship["volumes"]
+    assert "./deploy/rsyslog/central.conf:/etc/flaskapi-loghost/central.conf:ro" in loghost["volumes"]
+    lines = f"./deploy/rsyslog/central_lines.py:{loghost['environment']['CENTRAL_LINES']}:ro"
+    assert lines in loghost["volumes"]
+    assert logship["environment"]["LOG_HOST"] == "loghost" and "ports" not in loghost
+    # The forwarder reads the app's files as their owner: the app image's flaskapi uid.
+    assert "--uid 10001" in (ROOT / "Dockerfile").read_text() and logship["user"] == "10001:10001"
+    stages = dockerfile_stages(RSYSLOG_DIR / "Dockerfile")
+    assert logship["build"] == {"context": "deploy/rsyslog", "target": "rsyslog"} and "rsyslog" in stages
