@@ -20,6 +20,7 @@ import pytest
 
 from bench.harness.polling import wait_for
 from bench.harness.rsyslog import CENTRAL_CONF, CENTRAL_LINES, FORWARD_CONF, CentralReceiver, Forwarder
+from bench.harness.rsyslog import shipping as shipping_to_the_log_host
 
 _spec = importlib.util.spec_from_file_location("central_lines", CENTRAL_LINES)
 central_lines = importlib.util.module_from_spec(_spec)
@@ -61,8 +62,7 @@ def shipping(tmp_path):
     """A receiver and one forwarder following tmp/app/app.log; yields (app log, receiver)."""
     log = tmp_path / "app" / "app.log"
     log.parent.mkdir()
-    receiver = CentralReceiver(tmp_path / "central")
-    with receiver, Forwarder(log, target=receiver.target, hostname=HOST, workdir=tmp_path / "ship"):
+    with shipping_to_the_log_host({HOST: log}, tmp_path) as receiver:
         yield log, receiver
 
 

@@ -27,7 +27,7 @@ import requests
 from bench.harness.environment import ROOT
 from bench.harness.gunicorn import serving
 from bench.harness.polling import wait_for
-from bench.harness.rsyslog import CentralReceiver, Forwarder
+from bench.harness.rsyslog import shipping as shipping_to_the_log_host
 
 pytestmark = pytest.mark.stack
 
@@ -79,16 +79,13 @@ def shipping(migrated_database, tmp_path_factory):
     lock = threading.Lock()
     figures: dict[str, object] = {}
     across = f"across-{uuid.uuid4().hex[:12]}"
-    with contextlib.ExitStack() as started:  # stopped in reverse: apps, forwarders, receiver
-        receiver = started.enter_context(CentralReceiver(root / "central"))
+    with contextlib.ExitStack() as started:  # stopped in reverse: apps, then forwarders and receiver
+        logs = {host: root / host / "logs" / "app.log" for host in HOSTS}
+        for log in logs.values():
+            log.parent.mkdir(parents=True)
+        receiver = started.enter_context(shipping_to_the_log_host(logs, root))
         first_receiver_pid = receiver.pid
-        forwarders, stacks = {}, {}
-        for host in HOSTS:
-            (root / host / "logs").mkdir(parents=True)
-            forwarder = Forwarder(
-                root / host / "logs" / "app.log", target=receiver.target, hostname=host, workdir=root / f"{host}-ship"
-            )
-            forwarders[host] = started.enter_context(forwarder)
+        forwarders, stacks = receiver.forwarders, {}
         for host in HOSTS:
             stacks[host] = started.enter_context(
                 serving(uri, root / host, workers=2, LOG_ROTATE_WHEN="S", LOG_ROTATE_INTERVAL="3", LOG_BACKUP_COUNT="0")

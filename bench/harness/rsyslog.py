@@ -5,9 +5,10 @@ name) is in the environment, where the systemd units put it too; nothing needs r
 rsyslogd says READY=1 (as under the units' Type=notify; the receiver also once its port
 listens), stopped by PID; `kill()` is a crash, and `start()` again is the restart after it.
 
-    receiver = CentralReceiver(tmp / "central")           # central stream: tmp/central/app.log
-    with receiver, Forwarder(stack.log_file, target=receiver.target, hostname="app-1", workdir=tmp / "ship-1"):
+    with shipping({"app-1": stack.log_file}, tmp) as receiver:   # central stream: tmp/central/app.log
         ...   # every line the app writes reaches receiver.combined and receiver.host_file("app-1")
+
+or the two halves by hand (CentralReceiver, then a Forwarder per app log file, as the tests do).
 """
 
 from __future__ import annotations
@@ -205,3 +206,19 @@ def render_logrotate(central_dir: Path, pid_file: Path) -> str:
     if len(lines) != len(text.splitlines()) - 1:
         raise ValueError(f"{LOGROTATE_CENTRAL.name}: expected one su line")
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def shipping(log_files: dict[str, Path], workdir: Path):
+    """A central receiver writing `workdir`/central, and one forwarder per {host name: app log
+    file} (the file need not exist yet), all stopped on exit; yields the receiver, which carries
+    the forwarders by host name (`forwarders`)."""
+    with contextlib.ExitStack() as started:
+        receiver = started.enter_context(CentralReceiver(Path(workdir) / "central"))
+        receiver.forwarders = {}
+        for host, log_file in log_files.items():
+            forwarder = Forwarder(
+                log_file, target=receiver.target, hostname=host, workdir=Path(workdir) / f"ship-{host}"
+            )
+            receiver.forwarders[host] = started.enter_context(forwarder)
+        yield receiver
