@@ -14,11 +14,12 @@ per line on stdout, which sets `$!central`:
   to the combined file / to HOST's own file; rsyslog sends a line that is in both to
   duplicates.log instead.
 
-Why the second part: RELP delivers at least once. A forwarder whose connection breaks sends again
-every message it has no "200 OK" for, and rsyslog retries a batch that failed midway; a receiver
-killed after writing a line but before its acknowledgement left gets that line twice (one kill in
-our first test run did). The plugin remembers the recent lines of each host, starting from the
-tail of the central files, so a receiver restarted after a crash knows what it wrote before it.
+Why the second part: shipping is at least once. A forwarder whose connection breaks sends again
+every message it has no "200 OK" for, so a receiver killed after writing a line but before its
+acknowledgement left gets that line twice (the first kill we tried did), and at each rotation
+the forwarder reads the last second's lines twice (forward.conf says why). The plugin remembers
+the recent lines of each host, starting from the tail of the central files, so a receiver
+restarted after a crash knows what it wrote before it.
 Two lines that are the same bytes from the same host count as one: the app's lines carry a
 timestamp to the microsecond and the writing pid, and a request's lines its request id.
 
