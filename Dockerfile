@@ -45,7 +45,10 @@ CMD ["locust", "-f", "locustfile.py"]
 FROM base AS app
 # Inside the container network only: the API on 5000 for nginx in front of it (compose publishes
 # nginx, never this port: gunicorn must not face clients), the merged metrics on 9200 for Prometheus.
-# Logs: JSON lines to stderr only (`docker compose logs app`), no file in the container.
+# Logs: JSON lines to stderr only (`docker compose logs app`), no file in the container, unless
+# LOG_TO_FILE=1 (compose does it for log shipping: LOG_DIR=/var/log/flaskapi, a volume, which
+# starts with this directory's owner).
+RUN install -d -o flaskapi -g flaskapi -m 0750 /var/log/flaskapi
 ENV FLASK_APP=service \
     FLASK_ENV=production \
     BIND=0.0.0.0:5000 \

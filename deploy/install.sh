@@ -6,6 +6,8 @@
 #   sudo deploy/install.sh --repo URL [--ref REF]   # from a git clone of URL
 #   deploy/install.sh --root /tmp/x             # everything under /tmp/x, no apt/useradd/systemctl
 #   deploy/install.sh --dry-run                 # print each command instead of running it
+#   sudo deploy/install.sh --log-host 10.0.0.40 # ...and ship the JSON log to the log host
+#   sudo deploy/install.sh --role log-host      # the LOG host instead (see install_log_host)
 #
 # Steps: apt packages -> user/group flaskapi -> code to /opt/flaskapi/app -> venv
 # /opt/flaskapi/venv (pip install of the app, not editable) -> /etc/flaskapi/flaskapi.env from
@@ -31,10 +33,13 @@ WITH_NGINX=1
 WITH_VENV=1
 REPO_URL=""
 REPO_REF=""
+ROLE=app
+LOG_HOST=""
 
 usage() {
   cat <<'EOF'
 Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx] [--no-venv]
+                  [--log-host ADDR[:PORT]] [--role app|log-host]
 
   --root DIR    install under DIR (a throwaway tree): apt, useradd, chown, systemctl and the
                 migrations are skipped, with a message
@@ -43,6 +48,12 @@ Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx]
   --no-nginx    do not install nginx nor its site (when your own buffering proxy fronts BIND:
                 gunicorn must never face clients)
   --no-venv     do not create or update /opt/flaskapi/venv (you manage it; tests)
+  --log-host ADDR[:PORT]
+                also ship /var/log/flaskapi/app.log to the log host at ADDR (RELP, port 2514
+                unless given): rsyslog, flaskapi-logship.service, /etc/flaskapi/logship.env
+  --role log-host
+                install the log host instead of an app host: rsyslog receiving RELP,
+                flaskapi-loghost.service, /var/log/flaskapi-central, logrotate, lnav's format
 EOF
 }
 
@@ -59,10 +70,23 @@ while [ $# -gt 0 ]; do
     --ref) [ $# -ge 2 ] || die "--ref needs a branch or tag"; REPO_REF=$2; shift 2 ;;
     --no-nginx) WITH_NGINX=0; shift ;;
     --no-venv) WITH_VENV=0; shift ;;
+    --log-host) [ $# -ge 2 ] || die "--log-host needs an address"; LOG_HOST=$2; shift 2 ;;
+    --log-host=*) LOG_HOST=${1#--log-host=}; shift ;;
+    --role) [ $# -ge 2 ] || die "--role needs app or log-host"; ROLE=$2; shift 2 ;;
+    --role=*) ROLE=${1#--role=}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
 done
+
+case "$ROLE" in
+  app) ;;
+  log-host)
+    [ -z "$REPO_URL" ] || die "--repo is for the app role: run the log host's install from a checkout"
+    [ -z "$LOG_HOST" ] || die "--log-host is for app hosts (where to ship); the log host receives"
+    ;;
+  *) die "--role: app or log-host, not $ROLE" ;;
+esac
 
 umask 022
 if [ -n "$ROOT" ]; then
@@ -94,6 +118,70 @@ real_system() {
 APP=$ROOT$PREFIX/app
 VENV=$ROOT$PREFIX/venv
 ENV_PATH=$ROOT$ENV_FILE
+
+# ---------------------------------------------------------------------------------------------
+# The log host (docs/logging.md, "Shipping off the host"): its own rsyslogd receiving RELP from
+# the app hosts, writing /var/log/flaskapi-central (combined and per host), rotated by logrotate.
+# From this checkout's deploy/: nothing of the app itself is installed there.
+LOGHOST_CONF_DIR=/etc/flaskapi-loghost
+LOGHOST_LIB=/usr/local/lib/flaskapi-loghost
+LOGHOST_USER=flaskapi-logs
+install_log_host() {
+  local deploy=$SOURCE/deploy env_path=$ROOT$LOGHOST_CONF_DIR/loghost.env
+  say "packages (log host)"
+  if real_system "apt-get install rsyslog rsyslog-relp python3 logrotate lnav"; then
+    export DEBIAN_FRONTEND=noninteractive
+    run apt-get update -q
+    run apt-get install -y -q --no-install-recommends rsyslog rsyslog-relp python3 logrotate lnav
+  fi
+  say "user and group $LOGHOST_USER"
+  if real_system "groupadd/useradd $LOGHOST_USER"; then
+    getent group "$LOGHOST_USER" >/dev/null || run groupadd --system "$LOGHOST_USER"
+    id -u "$LOGHOST_USER" >/dev/null 2>&1 || run useradd --system --gid "$LOGHOST_USER" --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin --comment "flaskapi-observability log host" "$LOGHOST_USER"
+  fi
+  say "rsyslog's config, the line check, logrotate, lnav's format"
+  run install -d -m 0755 "$ROOT$LOGHOST_CONF_DIR" "$ROOT$LOGHOST_LIB" "$ROOT/etc/logrotate.d" \
+    "$ROOT/etc/lnav/formats/flaskapi"
+  run install -m 0644 "$deploy/rsyslog/central.conf" "$ROOT$LOGHOST_CONF_DIR/central.conf"
+  run install -m 0755 "$deploy/rsyslog/central_lines.py" "$ROOT$LOGHOST_LIB/central_lines.py"
+  run install -m 0644 "$deploy/rsyslog/logrotate-central" "$ROOT/etc/logrotate.d/flaskapi-central"
+  run install -m 0644 "$deploy/lnav/flaskapi_log.json" "$ROOT/etc/lnav/formats/flaskapi/flaskapi_log.json"
+  if [ -e "$env_path" ]; then
+    note "kept $env_path (never overwritten)"
+  else
+    run install -m 0644 "$deploy/rsyslog/loghost.env.example" "$env_path"
+  fi
+  say "systemd unit -> $ROOT$UNIT_DIR"
+  run install -d -m 0755 "$ROOT$UNIT_DIR"
+  run install -m 0644 "$deploy/systemd/flaskapi-loghost.service" "$ROOT$UNIT_DIR/flaskapi-loghost.service"
+  if real_system "systemctl daemon-reload"; then
+    run systemctl daemon-reload
+  fi
+  local listen=""
+  if [ -e "$env_path" ]; then
+    listen=$(sed -n 's/^CENTRAL_LISTEN=//p' "$env_path" | tail -n 1)
+  fi
+  if [ -z "$listen" ]; then
+    {
+      echo
+      echo "install.sh: NOT STARTED: set CENTRAL_LISTEN (the log host's private address) in $LOGHOST_CONF_DIR/loghost.env,"
+      echo "then run install.sh --role log-host again: it enables and starts flaskapi-loghost."
+    } >&2
+    return 0
+  fi
+  say "start"
+  if real_system "systemctl enable + restart flaskapi-loghost"; then
+    run systemctl enable --quiet flaskapi-loghost.service
+    run systemctl restart flaskapi-loghost.service
+    note "running: systemctl status flaskapi-loghost; files: /var/log/flaskapi-central/"
+  fi
+}
+if [ "$ROLE" = log-host ]; then
+  install_log_host
+  say "done"
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------------------------
 say "packages"
@@ -216,6 +304,37 @@ if [ "$WITH_NGINX" -eq 1 ]; then
     run nginx -t -q
     run systemctl enable --quiet nginx
     run systemctl reload-or-restart nginx
+  fi
+fi
+
+if [ -n "$LOG_HOST" ]; then
+  say "log shipping to $LOG_HOST"
+  case "$LOG_HOST" in
+    \[*\]:*) ship_addr=${LOG_HOST%:*}; ship_port=${LOG_HOST##*:} ;;
+    *:*:*) ship_addr=$LOG_HOST; ship_port=2514 ;;   # a bare IPv6 address
+    *:*) ship_addr=${LOG_HOST%:*}; ship_port=${LOG_HOST##*:} ;;
+    *) ship_addr=$LOG_HOST; ship_port=2514 ;;
+  esac
+  ship_addr=${ship_addr#[}; ship_addr=${ship_addr%]}
+  if real_system "apt-get install rsyslog rsyslog-relp"; then
+    run apt-get install -y -q --no-install-recommends rsyslog rsyslog-relp
+  fi
+  run install -m 0640 "$DEPLOY/rsyslog/forward.conf" "$ROOT$CONF_DIR/logship.conf"
+  # Only what this flag says: written again on every run that gives it.
+  if [ "$DRY_RUN" -eq 1 ]; then
+    printf '+ write %q: LOG_HOST=%s LOG_HOST_PORT=%s\n' "$ROOT$CONF_DIR/logship.env" "$ship_addr" "$ship_port"
+  else
+    printf '# Written by deploy/install.sh --log-host: where flaskapi-logship.service ships the log.\nLOG_HOST=%s\nLOG_HOST_PORT=%s\n' \
+      "$ship_addr" "$ship_port" > "$ROOT$CONF_DIR/logship.env"
+  fi
+  run chmod 0640 "$ROOT$CONF_DIR/logship.env"
+  run install -m 0644 "$DEPLOY/systemd/flaskapi-logship.service" "$ROOT$UNIT_DIR/flaskapi-logship.service"
+  if real_system "chown root:$APP_USER the logship files, systemctl enable + restart flaskapi-logship"; then
+    run chown root:"$APP_USER" "$ROOT$CONF_DIR/logship.conf" "$ROOT$CONF_DIR/logship.env"
+    run systemctl daemon-reload
+    run systemctl enable --quiet flaskapi-logship.service
+    run systemctl restart flaskapi-logship.service
+    note "running: systemctl status flaskapi-logship; it keeps up to 1 GiB on disk while $ship_addr is away"
   fi
 fi
 

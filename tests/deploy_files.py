@@ -90,9 +90,9 @@ def documented_settings() -> set[str]:
 # --- the Dockerfile and the compose file ------------------------------------------------------
 
 
-def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, list[tuple[str, str]]]:
     """{stage: [(INSTRUCTION, arguments)]} with line continuations joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    text = re.sub(r"\\\n", " ", path.read_text())
     stages: dict[str, list[tuple[str, str]]] = {}
     current: list[tuple[str, str]] = []
     for raw in text.splitlines():

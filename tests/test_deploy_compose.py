@@ -52,6 +52,8 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
         "grafana",
         "locust-master",
         "locust-worker",
+        "logship",
+        "loghost",
     }
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -60,7 +62,8 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
                 assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repo"
         build = service.get("build")
         if build:
-            assert (ROOT / build["context"] / "Dockerfile").exists() and build["target"] in dockerfile_stages()
+            dockerfile = ROOT / build["context"] / "Dockerfile"
+            assert dockerfile.exists() and build["target"] in dockerfile_stages(dockerfile)
 
     published = {}
     for name, service in services.items():
@@ -215,7 +218,9 @@ def test_image_cmd_and_healthcheck_serve_like_the_container(app_database, tmp_pa
         "METRICS_BIND": f"127.0.0.1:{metrics_port}",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    assert env["LOG_TO_FILE"] == "0"
+    # The image writes no file; compose turns it on for log shipping, here into tmp_path.
+    assert dockerfile_env(app)["LOG_TO_FILE"] == "0" and env["LOG_TO_FILE"] == "1"
+    env["LOG_DIR"] = str(tmp_path / "logs")
     cmd = json.loads(last(app, "CMD"))
     healthcheck = json.loads(last(app, "HEALTHCHECK").split(" CMD ", 1)[1])
     # Stopped as `docker stop` stops a container: SIGTERM to its main process.

@@ -13,6 +13,7 @@ start and stop real processes, and what they share to look at them.
     receivers     a local SMTP server and webhook receiver that record every notification
     scrape        samples of a Prometheus text endpoint
     sentry_receiver  a local stand-in for Sentry's ingestion endpoint
+    rsyslog       log shipping as deployed: an app host's forwarder and the log host's receiver
 
 Import the modules themselves: this file imports nothing, so `import bench.harness` is cheap.
 The harness never imports the test suite.
