@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from bench import report, run
+from bench.harness import rsyslog
 from bench.harness.alertmanager import Alertmanager
 from bench.harness.commands import run_command
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
@@ -357,6 +358,13 @@ def markdown(summary: dict) -> str:
             f"- {sent['status']} {sent['alertname']} ({sent['severity']}) by {sent['channel']} to {sent['receiver']} "
             f"({sent['to']}), arrived {sent['arrived']}: {sent['subject'] or sent['summary']}"
         )
+    shipped = summary.get("shipping")
+    if shipped:
+        lines += [
+            "",
+            f"Log shipping: {shipped['central_lines']:,} of the {shipped['local_lines']:,} lines of logs/app.log "
+            f"reached the log host as {shipped['host']} (`central/app.log`).",
+        ]
     lines += ["", "Files: `dashboard.html`, `summary.json`, `locust.html`, `locust.out`, `logs/app.log`."]
     return "\n".join(lines) + "\n"
 
@@ -377,6 +385,36 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.p95_slo_ms is None:
         args.p95_slo_ms = slo_p95_ms()
     return args
+
+
+SHIPPED_HOST = "app-1"  # the demo's one app host, as the log host names it
+SHIPPING_TIMEOUT = 60.0
+
+
+def shipped_lines(central, log_file: Path) -> dict:
+    """Wait (bounded) until the log host holds every line the app wrote, then count both: the
+    local file, the central copy and the lines set aside as repeats (RELP resends)."""
+
+    def count(path: Path) -> int:
+        try:
+            with open(path, "rb") as handle:
+                return sum(1 for _ in handle)
+        except FileNotFoundError:
+            return 0
+
+    local = count(log_file)
+    try:
+        wait_for(
+            lambda: count(central.host_file(SHIPPED_HOST)) >= local, "the log host's copy", timeout=SHIPPING_TIMEOUT
+        )
+    except AssertionError as exc:
+        print(f"{exc}: the summary says how many arrived", file=sys.stderr)
+    return {
+        "host": SHIPPED_HOST,
+        "local_lines": local,
+        "central_lines": count(central.host_file(SHIPPED_HOST)),
+        "central_file": str(central.combined),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     ):
         stack.wait_for_workers()
         print(f"API {stack.url}   metrics {stack.metrics_url}")
+        central = None
+        log_file = out / "logs" / "app.log"  # stack_env's LOG_DIR
+        if rsyslog.installed():
+            # the log shipped off the host as deployed: a forwarder on app.log, a log host in out/central
+            central = monitoring.enter_context(rsyslog.shipping({SHIPPED_HOST: log_file}, out))
+            print(f"log shipping: {log_file} -> {central.combined} (RELP)")
+        else:
+            print("rsyslog is not installed (apt-get install rsyslog rsyslog-relp): no central log.", file=sys.stderr)
         prometheus = alertmanager = None
         if alertmanager_installed:
             smtp = monitoring.enter_context(SmtpReceiver())
@@ -489,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             delivered = notifications(smtp, hook, mail_receivers)
         stack.stop()  # every log line written and the file closed before it is counted
         access, deaths = read_log(out / "logs" / "app.log", started, ended)
+        shipped = shipped_lines(central, log_file) if central is not None else None
         final_path = out / "locust-final.json"
         if not final_path.exists():
             raise RuntimeError(f"locust wrote no final statistics (exit {result.returncode}):\n{result.stdout[-3000:]}")
@@ -507,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_interval=rate_interval,
             notifications=delivered,
         )
+        summary["shipping"] = shipped
         summary["checks"] = judge(
             summary,
             locust_exit=result.returncode,

@@ -53,6 +53,7 @@ DPI = 100
 RUN_FILES = (
     ("locust.html", "locust's report"),
     ("logs/app.log", "the service's log (JSON lines, UTC)"),
+    ("central/app.log", "the same log as the log host received it (rsyslog over RELP, with its host)"),
     ("summary.json", "summary.json"),
     ("summary.md", "summary.md"),
     ("locust.out", "locust's output (its final table)"),

@@ -16,6 +16,7 @@ import pytest
 
 from bench import demo as bench_demo
 from bench import report
+from bench.harness import rsyslog
 from bench.harness.commands import run_command
 from bench.harness.prometheus import Prometheus
 
@@ -60,6 +61,23 @@ def test_the_demo_passes_its_verdict(passing):
     assert "alerts as expected: the crashes' worker restarts fired and were mailed to the team, nothing else" in {
         c["name"] for c in summary["checks"]
     }
+
+
+def test_the_log_leaves_the_host_whole_and_the_page_links_the_central_copy(passing):
+    """The demo ships its log as deployed (rsyslog over RELP to a local log host): every line of
+    logs/app.log arrives once, each the app's own line with its host first."""
+    if not rsyslog.installed():
+        pytest.skip(rsyslog.MISSING)
+    _, _, summary, out = passing
+    shipped = summary["shipping"]
+    local = (out / "logs" / "app.log").read_text().splitlines()
+    central = (out / "central" / "hosts" / "app-1" / "app.log").read_text().splitlines()
+    assert shipped["local_lines"] == len(local) and shipped["central_lines"] == len(central) == len(local)
+    for mine, theirs in zip(local, central, strict=True):
+        shipped_line = json.loads(theirs)
+        assert shipped_line.pop("host") == "app-1"
+        assert shipped_line == json.loads(mine)
+    assert "href='central/app.log'" in (out / report.PAGE).read_text()
 
 
 def test_the_crash_is_mailed_to_the_team_during_the_run_and_listed(passing):

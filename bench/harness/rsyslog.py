@@ -38,6 +38,10 @@ MISSING = "rsyslog is not installed: apt-get install rsyslog rsyslog-relp (Debia
 QUEUE_NAME = "to_log_host"  # forward.conf's queue.filename
 
 
+def installed() -> bool:
+    return RSYSLOGD.exists()
+
+
 class Rsyslogd(ManagedProcess):
     """`rsyslogd -n -f config -i pidfile` with `settings` in its environment, its pid file and
     output under `workdir`."""
