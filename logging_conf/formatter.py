@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from datetime import UTC, datetime
 
 from flask import g, has_request_context, request
 from pythonjsonlogger.json import JsonEncoder
@@ -55,7 +56,12 @@ class JsonFormatter(_JsonFormatter):
     The finished line is checked first and rebuilt escaped only when it could hold an unsafe
     character (it has a backslash, DEL or non-ASCII text that matches): an ordinary access line
     pays two substring scans, ~0.2 us of its ~18 us; a line that needs it is escaped field by
-    field and serialised again, ~+15 us (timeit, best of 30, on the 2-core development machine)."""
+    field and serialised again, ~+15 us (timeit, best of 30, on the 2-core development machine).
+
+    The fields are gathered here rather than by python-json-logger's `add_fields` (same fields,
+    same order, same values), and serialised by one encoder built once instead of one per line:
+    an access line went from 14 to 8 us (timeit, best of 7). The separators stay json's own
+    (`", "`, `": "`): the log recipes grep for `"request_id": "<id>"`."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("fmt", FIELDS)
@@ -63,7 +69,11 @@ class JsonFormatter(_JsonFormatter):
         kwargs.setdefault("timestamp", "timestamp")
         kwargs.setdefault("json_ensure_ascii", False)
         super().__init__(*args, **kwargs)
-        self._encoder = JsonEncoder()
+        self._encoder = JsonEncoder(ensure_ascii=self.json_ensure_ascii)
+        rename = self.rename_fields.get
+        self._fields = [(field, rename(field, field)) for field in self._required_fields]
+        key = self.timestamp if isinstance(self.timestamp, str) else "timestamp"
+        self._timestamp_key = rename(key, key) if self.timestamp else None
 
     def format(self, record: logging.LogRecord) -> str:
         # Console and file handlers share this formatter: serialise each record once.
@@ -74,15 +84,33 @@ class JsonFormatter(_JsonFormatter):
         return cached
 
     def jsonify_log_record(self, log_data) -> str:
-        line = super().jsonify_log_record(log_data)
+        line = self._encoder.encode(log_data)
         # JSON writes every C0 control as a backslash escape and the rest of `_UNSAFE` raw: a line
         # with no backslash and no DEL that is ASCII, or has none of them, needs nothing more.
         if "\\" not in line and "\x7f" not in line and (line.isascii() or _UNSAFE.search(line) is None):
             return line
-        return super().jsonify_log_record(_escaped(log_data, self._encoder))
+        return self._encoder.encode(_escaped(log_data, self._encoder))
 
     def add_fields(self, log_data, record, message_dict) -> None:
-        super().add_fields(log_data, record, message_dict)
+        """python-json-logger's fields (the format's, the message dict, every `extra`, the
+        timestamp), without uvicorn's colour duplicate, with the request context."""
+        attributes, rename = record.__dict__, self.rename_fields
+        for field, value in self.defaults.items():
+            log_data[rename.get(field, field)] = value
+        for field, key in self._fields:
+            log_data[key] = attributes.get(field)
+        for data in (self.static_fields, message_dict):
+            for key, value in data.items():
+                log_data[rename.get(key, key)] = value
+        skip = self._skip_fields
+        for key in [key for key in attributes if key not in skip]:  # the few `extra` among ~30
+            if not (isinstance(key, str) and key.startswith("_")):
+                log_data[rename.get(key, key)] = attributes[key]
+        if self._timestamp_key is not None:
+            log_data[self._timestamp_key] = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
+        if self.rename_fields_keep_missing:
+            for field in self.rename_fields.values():
+                log_data.setdefault(field, None)
         log_data.pop("color_message", None)  # uvicorn/werkzeug colour duplicates
         _add_request_context(log_data)
 
