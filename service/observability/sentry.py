@@ -39,6 +39,7 @@ from flask import Flask, g, has_request_context, request
 from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
+from sentry_sdk.integrations.threading import ThreadingIntegration
 
 from logging_conf.redaction import FILTERED, scrub_value
 from service.observability import sentry_rate_limit
@@ -80,14 +81,22 @@ def init(settings: Settings) -> bool:
     if client.is_active() and client.dsn == settings.sentry_dsn:
         return True  # already set up in this process (the app factory ran twice)
     tracing = settings.sentry_traces_sample_rate > 0
+    # sentry_logs_level=None: no Sentry Logs handler, which every record went through (taking a
+    # handler lock) only to find `enable_logs` off.
     if tracing:
         integrations = [
             FlaskIntegration(transaction_style="url"),
             SqlalchemyIntegration(),
-            LoggingIntegration(level=logging.INFO, event_level=logging.WARNING),
+            LoggingIntegration(level=logging.INFO, event_level=logging.WARNING, sentry_logs_level=None),
         ]
     else:
-        integrations = [LoggingIntegration(level=None, event_level=logging.WARNING)]
+        integrations = [
+            LoggingIntegration(level=None, event_level=logging.WARNING, sentry_logs_level=None),
+            # gthread hands every request to a thread pool, whose `submit` the integration wraps to
+            # fork two scopes for the task: per request, for scopes nothing writes to in this
+            # mode. Threads' uncaught exceptions are still reported.
+            ThreadingIntegration(propagate_scope=False),
+        ]
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment or settings.env,
