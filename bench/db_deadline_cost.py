@@ -12,33 +12,14 @@ Unix socket, as the tests and `make run` reach theirs) and stopped at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg2
 from sqlalchemy.engine import make_url
 
+from bench.harness.throwaway_postgres import database
 from service.database import Deadlines
-
-
-@contextlib.contextmanager
-def database(uri: str | None):
-    if uri is not None:
-        yield uri
-        return
-    from service import devdb
-
-    pgdata = Path(tempfile.mkdtemp(prefix="fapg-bench-", dir="/tmp"))  # short: Unix socket paths
-    handle = devdb.server(pgdata, cleanup_mode="stop")
-    try:
-        yield devdb.create_database(handle, "deadline_cost")
-    finally:
-        handle.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 def per_statement_us(conn, statements: int) -> tuple[float, float]:
@@ -59,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--db-uri")
     args = parser.parse_args()
-    with database(args.db_uri) as uri:
+    with database(args.db_uri, "deadline_cost") as uri:
         dsn = make_url(uri).set(drivername="postgresql").render_as_string(hide_password=False)
         deadlines = Deadlines(statement_s=11.0, ping_s=2.0, connect_s=3)
         plain = psycopg2.connect(dsn)

@@ -53,6 +53,7 @@ from bench.harness.environment import ROOT, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
 from bench.harness.sentry_receiver import SentryReceiver
+from bench.harness.throwaway_postgres import database
 from bench.run import cli, login, seed, wrk
 
 OFF = {"METRICS_ENABLED": "0", "LOG_TO_FILE": "0", "LOG_CONSOLE": "0", "LOG_LEVEL": "WARNING"}
@@ -81,24 +82,9 @@ CHILD = Path(__file__).resolve().parent / "obs_cost_child.py"
 BASELINE = "@base"  # the suffix of a variant run from --baseline
 
 
-@contextlib.contextmanager
-def database(uri: str | None):
-    """`uri` as given; or a throwaway server's migrated, seeded database, removed afterwards."""
-    if uri is not None:
-        yield uri
-        return
-    from service import devdb
-
-    pgdata = Path(tempfile.mkdtemp(prefix="fapg-obs-", dir="/tmp"))  # short: Unix socket paths
-    handle = devdb.server(pgdata, cleanup_mode="stop")
-    try:
-        uri = devdb.create_database(handle, "obs_cost")
-        cli(uri, "db", "upgrade")
-        seed(uri, BOOKS)
-        yield uri
-    finally:
-        handle.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
+def migrated_and_seeded(uri: str) -> None:
+    cli(uri, "db", "upgrade")
+    seed(uri, BOOKS)
 
 
 def variant_env(name: str, uri: str, workdir: Path, dsn: str) -> dict[str, str]:
@@ -286,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="obs-cost-"))
     try:
-        with database(args.db_uri) as uri, SentryReceiver() as receiver:
+        with database(args.db_uri, "obs_cost", migrated_and_seeded) as uri, SentryReceiver() as receiver:
             measure = measure_inprocess if args.mode == "inprocess" else measure_gunicorn
             results = measure(args, uri, receiver.dsn, workdir)
     finally:

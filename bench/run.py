@@ -470,6 +470,14 @@ def crash_recovery(uri: str, workdir: Path, crashes: int) -> dict:
 
 
 # --- output -------------------------------------------------------------------------------
+def per_second(records: list, *, start: float) -> dict[int, list[float]]:
+    """Response times (ms) by whole second since `start`, from locust's per-request records."""
+    buckets: dict[int, list[float]] = {}
+    for ts, _, ms, _ in records:
+        buckets.setdefault(int(ts - start), []).append(ms)
+    return buckets
+
+
 def plot_ramp(records: list, path: Path, *, users: int, rate: float) -> None:
     import matplotlib
 
@@ -478,10 +486,7 @@ def plot_ramp(records: list, path: Path, *, users: int, rate: float) -> None:
 
     if not records:
         return
-    start = min(r[0] for r in records)
-    buckets: dict[int, list[float]] = {}
-    for ts, _, ms, _ in records:
-        buckets.setdefault(int(ts - start), []).append(ms)
+    buckets = per_second(records, start=min(r[0] for r in records))
     seconds = sorted(buckets)
     figure, axes = plt.subplots(figsize=(9, 3.5))
     for q, label in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
@@ -507,13 +512,10 @@ def plot_spawn(variants: dict[str, dict], path: Path, *, users: int, rate: float
 
     figure, axes = plt.subplots(figsize=(9, 3.5))
     for label, figures in variants.items():
-        records = [r for r in figures["records"] if " /books/" in r[1]]
-        if not records:
+        books = [r for r in figures["records"] if " /books/" in r[1]]
+        if not books:
             continue
-        start = min(r[0] for r in figures["records"])
-        buckets: dict[int, list[float]] = {}
-        for ts, _, ms, _ in records:
-            buckets.setdefault(int(ts - start), []).append(ms)
+        buckets = per_second(books, start=min(r[0] for r in figures["records"]))
         seconds = sorted(buckets)
         axes.plot(seconds, [pct(buckets[s], 0.95) for s in seconds], label=f"books p95, {label}")
     axes.axhline(50, color="grey", linestyle="--", linewidth=1, label="target 50 ms")

@@ -14,13 +14,12 @@ end. The limits are raised out of reach: every request is timed on the path that
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import statistics
 import tempfile
 import time
 import uuid
-from pathlib import Path
+
+from bench.harness.throwaway_postgres import database
 
 # argon2 at its floor (1 pass, 1 MiB): about a millisecond, so the throttle's share is visible.
 # --shipped-cost: OWASP's baseline (t=2, 19 MiB), what production pays, to see the share there.
@@ -33,26 +32,6 @@ OUT_OF_REACH = {
     "THROTTLE_ACCOUNT_FREE_FAILURES": "1000000000",
 }
 PASSWORD = "bench-password"
-
-
-@contextlib.contextmanager
-def database(uri: str | None):
-    """`uri` migrated to head; or a throwaway server's database, removed afterwards."""
-    if uri is not None:
-        migrate(uri)
-        yield uri
-        return
-    from service import devdb
-
-    pgdata = Path(tempfile.mkdtemp(prefix="fapg-bench-", dir="/tmp"))  # short: Unix socket paths
-    handle = devdb.server(pgdata, cleanup_mode="stop")
-    try:
-        uri = devdb.create_database(handle, "throttle_cost")
-        migrate(uri)
-        yield uri
-    finally:
-        handle.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 def app_config(uri: str, data_dir: str, enabled: bool, hashing: dict = FAST_HASHING) -> dict:
@@ -130,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     from service import create_app
     from service.extensions import db
 
-    with database(args.db_uri) as uri, tempfile.TemporaryDirectory() as data_dir:
+    if args.db_uri is not None:
+        migrate(args.db_uri)  # to head: the measurement needs the limits' tables
+    with database(args.db_uri, "throttle_cost", migrate) as uri, tempfile.TemporaryDirectory() as data_dir:
         hashing = SHIPPED_HASHING if args.shipped_cost else FAST_HASHING
         apps = {name: create_app(app_config(uri, data_dir, name == "on", hashing)) for name in ("on", "off")}
         try:

@@ -115,6 +115,17 @@ real_system() {
   return 0
 }
 
+# A system user and its group, for a service that needs no home or shell (idempotent).
+system_user() {
+  local user=$1 comment=$2
+  say "user and group $user"
+  if real_system "groupadd/useradd $user"; then
+    getent group "$user" >/dev/null || run groupadd --system "$user"
+    id -u "$user" >/dev/null 2>&1 || run useradd --system --gid "$user" --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin --comment "$comment" "$user"
+  fi
+}
+
 APP=$ROOT$PREFIX/app
 VENV=$ROOT$PREFIX/venv
 ENV_PATH=$ROOT$ENV_FILE
@@ -134,12 +145,7 @@ install_log_host() {
     run apt-get update -q
     run apt-get install -y -q --no-install-recommends rsyslog rsyslog-relp python3 logrotate lnav
   fi
-  say "user and group $LOGHOST_USER"
-  if real_system "groupadd/useradd $LOGHOST_USER"; then
-    getent group "$LOGHOST_USER" >/dev/null || run groupadd --system "$LOGHOST_USER"
-    id -u "$LOGHOST_USER" >/dev/null 2>&1 || run useradd --system --gid "$LOGHOST_USER" --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin --comment "flaskapi-observability log host" "$LOGHOST_USER"
-  fi
+  system_user "$LOGHOST_USER" "flaskapi-observability log host"
   say "rsyslog's config, the line check, logrotate, lnav's format"
   run install -d -m 0755 "$ROOT$LOGHOST_CONF_DIR" "$ROOT$LOGHOST_LIB" "$ROOT/etc/logrotate.d" \
     "$ROOT/etc/lnav/formats/flaskapi"
@@ -194,12 +200,7 @@ if real_system "apt-get install ${PACKAGES[*]}"; then
   run apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 fi
 
-say "user and group $APP_USER"
-if real_system "groupadd/useradd $APP_USER"; then
-  getent group "$APP_USER" >/dev/null || run groupadd --system "$APP_USER"
-  id -u "$APP_USER" >/dev/null 2>&1 || run useradd --system --gid "$APP_USER" --no-create-home \
-    --home-dir /nonexistent --shell /usr/sbin/nologin --comment "flaskapi-observability" "$APP_USER"
-fi
+system_user "$APP_USER" "flaskapi-observability"
 
 # ---------------------------------------------------------------------------------------------
 say "code -> $APP"

@@ -16,11 +16,11 @@ import threading
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from aiosmtpd.controller import Controller
 
 from bench.harness.environment import free_port
+from bench.harness.http_receiver import LoopbackHTTPServer, QuietHandler
 from bench.harness.polling import wait_for
 
 
@@ -129,7 +129,7 @@ class SmtpReceiver(_Recorder):
         self._controller.stop()
 
 
-class WebhookReceiver(_Recorder):
+class WebhookReceiver(_Recorder, LoopbackHTTPServer):
     """An HTTP server that answers every POST 200 and keeps its JSON body; `url` is its root (any
     path below it is accepted and recorded, so one receiver can stand for several webhooks)."""
 
@@ -139,30 +139,16 @@ class WebhookReceiver(_Recorder):
         super().__init__()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
+        class Handler(QuietHandler):
+            def do_POST(self):  # noqa: N802 (http.server's hook name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver._record(Post(time.time(), self.path, json.loads(body or b"{}")))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
+        LoopbackHTTPServer.__init__(self, Handler)
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def describe(self, record: Post) -> str:
         return f"{record.path}: {record.body.get('status')} {[a['labels'].get('alertname') for a in record.alerts]}"
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)

@@ -12,9 +12,10 @@ import gzip
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import brotli
+
+from bench.harness.http_receiver import LoopbackHTTPServer, QuietHandler
 
 
 def parse_envelope(body: bytes) -> list[tuple[dict, bytes]]:
@@ -33,7 +34,7 @@ def parse_envelope(body: bytes) -> list[tuple[dict, bytes]]:
     return items
 
 
-class SentryReceiver:
+class SentryReceiver(LoopbackHTTPServer):
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
         self.events: list[dict] = []
@@ -41,8 +42,8 @@ class SentryReceiver:
         self._lock = threading.Lock()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
+        class Handler(QuietHandler):
+            def do_POST(self):  # noqa: N802 (http.server's hook name)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 encoding = self.headers.get("Content-Encoding", "")
                 if encoding == "gzip":
@@ -64,22 +65,8 @@ class SentryReceiver:
                 except (BrokenPipeError, ConnectionResetError):  # the sender gave up (or died) waiting
                     pass
 
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.block_on_close = not delay  # stopping does not wait out the slow answers
-        self.port = self.server.server_address[1]
+        super().__init__(Handler, block_on_close=not delay)  # stopping does not wait out slow answers
         self.dsn = f"http://publickey@127.0.0.1:{self.port}/1"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> SentryReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def errors(self) -> list[dict]:
         with self._lock:
