@@ -100,3 +100,19 @@ def test_a_file_a_worker_had_only_begun_is_dropped_without_failing(tmp_path):
     DeadWorkers(str(tmp_path)).fold(103)
     assert names(tmp_path) <= {"counter_dead.db", "histogram_dead.db"}
     assert merged(tmp_path) == {}
+
+
+def test_a_forked_process_knows_its_own_pid():
+    """Every sample write compares the writer's pid with this process's, cached (not a system
+    call per write): a process forked from a worker must not take itself for that worker and
+    write into its files."""
+    import os
+
+    from service.observability import sample_files
+
+    assert sample_files._pid == os.getpid()
+    child = os.fork()
+    if child == 0:  # the child reports through its exit status only
+        os._exit(0 if sample_files._pid == os.getpid() else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -71,7 +71,6 @@ FILES_REWRITTEN = Counter(
 
 
 SAMPLE_SECONDS = 1.0
-_serving: set[int] = set()  # ids of the threads serving a request now
 
 
 def enabled(settings) -> bool:
@@ -99,14 +98,6 @@ def init_app(app: Flask, settings) -> None:
         app, path=None, registry=CollectorRegistry(auto_describe=True), group_by=route, buckets=LATENCY_BUCKETS
     )
 
-    @app.before_request
-    def _enter() -> None:
-        _serving.add(threading.get_ident())  # a gthread thread serves one request at a time
-
-    @app.teardown_request
-    def _leave(exc) -> None:
-        _serving.discard(threading.get_ident())
-
     from service.extensions import db
     from service.observability import pool_metrics
 
@@ -132,11 +123,11 @@ def _sample_forever() -> None:
     ever seen at scrape time anyway, and writing each change to the multiprocess files costs
     four writes under one process-wide lock per request (~15 us, measured). Each round also
     rewrites this worker's sample files if they were removed (sample_files.repair)."""
-    from service.observability import pool_metrics, sample_files
+    from service.observability import pool_metrics, request_log, sample_files
 
     failing = False
     while True:
-        IN_PROGRESS.set(len(_serving))
+        IN_PROGRESS.set(len(request_log.serving))  # the threads serving a request now
         pool_metrics.sample()
         try:
             rewritten = sample_files.repair()

@@ -21,8 +21,9 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("service.access")
 
 # The request id each thread of this process is serving, by thread ident: read from outside the
-# request by the report of a worker aborted for timeout (worker_timeouts.py). A dict store per
-# request and a pop at its teardown (atomic under the GIL: no lock).
+# request by the report of a worker aborted for timeout (worker_timeouts.py), and counted once a
+# second as the requests in flight (metrics.py). A dict store per request and a pop at its
+# teardown (atomic under the GIL: no lock).
 serving: dict[int, str] = {}
 
 

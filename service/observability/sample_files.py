@@ -41,6 +41,17 @@ _lock = threading.Lock()  # one per process, as prometheus_client's: all values 
 _values: list[FileValue] = []
 _files: dict[str, _File] = {}  # by prefix (`counter`, `gauge_livesum`, ...), in the writing process
 _writer: int | None = None  # the pid that called `start`; any other process (the master) writes nothing
+# This process's pid, kept current across forks: `_write` compares it on every sample write, and
+# os.getpid() is a system call each time (glibc caches no pid).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def install() -> None:
@@ -60,7 +71,7 @@ def start() -> None:
     global _writer
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     with _lock:
-        _writer = os.getpid()
+        _writer = _pid
         _files.clear()
         for value in _values:
             value._open(directory, keep=value._prefix.startswith("gauge"))
@@ -72,7 +83,7 @@ def repair() -> list[str]:
     rewritten; [] outside a writing worker."""
     rewritten = []
     with _lock:
-        if _writer != os.getpid():
+        if _writer != _pid:
             return []
         for prefix, file in list(_files.items()):
             if not file.present():
@@ -96,7 +107,7 @@ def held() -> list[tuple[str, str, float]]:
     the master's (log lines it failed to write, say), which its collector adds to the scrape.
     Nothing in a worker, whose counts are in its files. Gauges are left out: the master's are
     what it set before forking, and every worker carries them."""
-    if _writer == os.getpid():
+    if _writer == _pid:
         return []
     return [(v._prefix, v._key, v._value) for v in list(_values) if v._prefix in COUNTS]
 
@@ -164,7 +175,7 @@ class FileValue:
         self._timestamp = 0.0
         with _lock:
             _values.append(self)
-            if _writer is not None and _writer == os.getpid():
+            if _writer is not None and _writer == _pid:
                 self._open(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
     def _open(self, directory: str, *, keep: bool = False) -> None:
@@ -179,7 +190,7 @@ class FileValue:
             self._value, self._timestamp = file.data.read_value(self._key)
 
     def _write(self) -> None:
-        if _writer == os.getpid():  # not in the master, nor in a process a worker forks
+        if _writer == _pid:  # not in the master, nor in a process a worker forks
             _files[self._prefix].data.write_value(self._key, self._value, self._timestamp)
 
     def inc(self, amount) -> None:
