@@ -18,6 +18,7 @@ import pytest
 import requests
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
+from bench import report
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
@@ -192,6 +193,9 @@ def test_prometheus_stores_exemplars_that_lead_to_access_lines_of_their_bucket(s
             return found if len({labels["le"] for labels, _ in found}) >= 3 else None
 
         found = wait_for(stored, "exemplars of at least 3 buckets in Prometheus")
+        # the demo report's section: the slowest buckets' exemplars, each with its log lines
+        slowest = report.slowest_exemplars(prometheus, stack.log_file, start=started - 60, end=time.time() + 60)
+        section = report.exemplar_section(slowest)
     access = {r["trace_id"]: r for r in records(stack) if r.get("event") == "access"}
     bounds = sorted([*LATENCY_BUCKETS, math.inf])
     for labels, exemplar in found:
@@ -202,6 +206,12 @@ def test_prometheus_stores_exemplars_that_lead_to_access_lines_of_their_bucket(s
         lower = max([b for b in bounds if b < le], default=0.0)
         assert lower < line["duration_ms"] / 1000 <= le, (labels, line)
         assert float(exemplar["value"]) == pytest.approx(line["duration_ms"] / 1000)
+    top = max(float(labels["le"]) for labels, _ in found)
+    assert slowest and float(slowest[0]["le"]) == top
+    assert [e["seconds"] for e in slowest] == sorted((e["seconds"] for e in slowest), reverse=True)
+    for shown in slowest:
+        assert "access" in {r["event"] for r in shown["log_lines"]}
+        assert shown["trace_id"] in section and shown["request_id"] in section
 
 
 def test_a_killed_workers_exemplar_file_goes_and_the_files_stay_one_per_live_worker(stack):

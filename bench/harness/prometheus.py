@@ -13,7 +13,6 @@ import yaml
 from bench.harness.environment import ROOT, free_port
 from bench.harness.process import ManagedProcess
 
-
 # Keeps the exemplars it scrapes (the latency buckets' trace ids, exemplars.py), as every
 # Prometheus of the project runs: docker-compose.yml, the systemd drop-in.
 EXEMPLAR_STORAGE = "--enable-feature=exemplar-storage"

@@ -41,8 +41,9 @@ PREFIX = "exemplars_"
 # OpenMetrics: an exemplar's label names and values, together, at most 128 UTF-8 characters
 MAX_LABEL_CHARS = 128
 
-# (bucket sample name, its labels as sorted (name, value) pairs) -> (exemplar labels, value, unix time)
-_latest: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[dict[str, str], float, float]] = {}
+# (bucket sample name, its labels as sorted (name, value) pairs) -> (exemplar labels, or the
+# (trace id, request id) they are made of, value, unix time)
+_latest: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[dict[str, str] | tuple[str, str], float, float]] = {}
 _changed = False
 _writer: int | None = None  # the worker that called `start`; nothing is kept in any other process
 _bounds: tuple[float, ...] = ()
@@ -89,7 +90,7 @@ def latency(method: str, route: str | None, status: int, duration_ms: float, tra
         LATENCY_METRIC + "_bucket",
         (("le", le), ("method", method), ("route", route or "<unmatched>"), ("status", str(status))),
     )
-    _latest[key] = (exemplar_labels(trace_id, request_id), seconds, time.time())
+    _latest[key] = ((trace_id, request_id), seconds, time.time())  # labels made at dump time
     _changed = True
 
 
@@ -101,12 +102,15 @@ def dump(directory: str) -> bool:
         return False
     _changed = False  # before copying: an exemplar kept meanwhile marks the next round
     snapshot = dict(_latest)  # one C-level copy, atomic under the GIL
-    rows = [[name, dict(labels), ex_labels, value, ts] for (name, labels), (ex_labels, value, ts) in snapshot.items()]
+    rows = [
+        [name, dict(labels), ex_labels if isinstance(ex_labels, dict) else exemplar_labels(*ex_labels), value, ts]
+        for (name, labels), (ex_labels, value, ts) in snapshot.items()
+    ]
     path = path_of(directory, _writer)
     temporary = path + ".new"
     try:
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(rows, file, separators=(",", ":"))
+            file.write(json.dumps(rows, separators=(",", ":")))  # one write, not one per token
         os.replace(temporary, path)
     except OSError:
         _changed = True  # tried again next round
