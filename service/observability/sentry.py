@@ -131,10 +131,9 @@ def init_app(app: Flask, settings: Settings) -> None:
         # The request's transaction is sent after the request context is gone: tag its scope.
         @app.before_request
         def _tag_request_id() -> None:
-            scope = sentry_sdk.get_isolation_scope()
-            scope.set_tag("request_id", g.get("request_id"))
+            sentry_sdk.get_isolation_scope().set_tag("request_id", g.get("request_id"))
             # the request's transaction (and the spans it starts from now on) in our W3C trace
-            trace, span = g.get("trace"), scope.span
+            trace, span = g.get("trace"), sentry_sdk.get_current_span()
             if trace is not None and span is not None:
                 span.trace_id = trace.trace_id
 
@@ -150,9 +149,9 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     if not has_request_context():
         return event
     event.setdefault("tags", {}).setdefault("request_id", g.get("request_id"))
-    _join_trace(event)
     if sentry_sdk.get_client().get_integration(FlaskIntegration) is not None:
-        return event  # tracing mode: the integration describes the request itself
+        return event  # tracing mode: the integration describes the request, its span our trace
+    _join_trace(event)
     info = event.setdefault("request", {})
     info.update(
         url=request.base_url,
