@@ -1288,6 +1288,7 @@ def slowest_exemplars(prometheus, log_path: Path, *, start: float, end: float) -
                             "level": record.get("level", ""),
                             "event": record.get("event", ""),
                             "message": record.get("message", ""),
+                            "duration_ms": record.get("duration_ms"),
                         }
                     )
     return [{**e, "log_lines": wanted[e["trace_id"]]} for e in shown]
