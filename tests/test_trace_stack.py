@@ -132,6 +132,22 @@ def test_a_malformed_traceparent_starts_a_new_trace_and_is_no_error(stack, why, 
     assert line["trace_id"] == trace_id and line["status"] == 404
 
 
+def test_a_huge_tracestate_is_dropped_and_the_trace_continued(stack):
+    """A tracestate far past the specification's 512 characters (nearly gunicorn's 8190-byte
+    field limit): served as usual, in the caller's trace. (Its Sentry event would be held back
+    as a repeat of the first test's; test_sentry.py and test_trace_context.py check the state
+    is not kept.)"""
+    huge = ",".join(f"k{i}=" + "v" * 60 for i in range(120))[:8000]
+    response = requests.get(
+        stack.url + "/books/999999",
+        headers={"traceparent": TRACEPARENT, "tracestate": huge, "X-Request-ID": "trace-huge-state"},
+        timeout=10,
+    )
+    assert response.status_code == 404 and response.json()["error"]["trace_id"] == TRACE_ID
+    [line] = wait_for(lambda: access_lines(stack, "trace-huge-state"), "the access line")
+    assert line["trace_id"] == TRACE_ID and "v" * 60 not in json.dumps(line)
+
+
 def test_a_request_without_traceparent_gets_a_new_trace_of_its_own(stack):
     answers = [requests.get(stack.url + "/books/999999", timeout=10) for _ in range(5)]
     trace_ids = {a.json()["error"]["trace_id"] for a in answers}

@@ -50,10 +50,6 @@ class Trace(NamedTuple):
     def traceresponse(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
-    def sentry_trace(self) -> str:
-        """The same ids as Sentry's own `sentry-trace` header writes them."""
-        return f"{self.trace_id}-{self.span_id}"
-
 
 def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
     """(trace id, parent span id, sampled) of a valid `traceparent`, None otherwise."""
