@@ -137,3 +137,14 @@ def test_the_trace_id_is_on_the_access_line_the_error_body_and_traceresponse(mak
     assert access["tc-1"]["trace_id"] == TRACE_ID
     assert access["tc-2"]["trace_id"] == new_trace
     assert access["tc-3"]["trace_id"] == TRACE_ID
+
+
+def test_a_method_refused_before_flask_keeps_the_callers_trace(make_app, tmp_path):
+    """The WSGI guard's 405 (service/guards.py) answers before any Flask hook: the same trace."""
+    app = make_app(LOG_DIR=str(tmp_path), LOG_CONSOLE="0")
+    response = app.test_client().open("/books/", method="PROPFIND", headers={"traceparent": VALID})
+    assert response.status_code == 405
+    assert response.get_json()["error"]["trace_id"] == TRACE_ID
+    assert response.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
+    [line] = [r for r in log_lines(tmp_path) if r.get("event") == "access" and r.get("status") == 405]
+    assert line["trace_id"] == TRACE_ID
