@@ -23,6 +23,8 @@ people's units (ms, %, req/s, MiB), and a y axis starts at 0 for data that canno
     python -m bench.report REPORT_DIR [--dashboard FILE]
 
 renders a finished demo's report again, from the Prometheus data it kept (REPORT_DIR/tsdb).
+With the run's logs/app.log beside it, the page also lists the exemplars of the latency
+histogram's slowest buckets and the log lines of those requests (`slowest_exemplars`).
 """
 
 from __future__ import annotations
@@ -1237,6 +1239,98 @@ def headline(summary: dict) -> str:
     return "".join(parts)
 
 
+# --- exemplars: from a slow bucket to its requests' log lines ------------------------------------
+
+LATENCY_BUCKETS_METRIC = "flask_http_request_duration_seconds_bucket"
+SLOWEST_BUCKETS = 3  # the highest `le` buckets that hold an exemplar
+EXEMPLARS_SHOWN = 8
+LOG_LINES_SHOWN = 6  # per request
+
+
+def slowest_exemplars(prometheus, log_path: Path, *, start: float, end: float) -> list[dict]:
+    """The exemplars Prometheus stored for the latency histogram's slowest buckets over the run
+    (the slowest first), each with the lines of logs/app.log that carry its trace id: the path a
+    reader takes from a p99 spike to the requests that made it."""
+    series = prometheus.query_exemplars(LATENCY_BUCKETS_METRIC, start, end)
+    found = [
+        {
+            "le": labels["le"],
+            "route": labels.get("route", ""),
+            "method": labels.get("method", ""),
+            "status": labels.get("status", ""),
+            "trace_id": exemplar["labels"].get("trace_id", ""),
+            "request_id": exemplar["labels"].get("request_id", ""),
+            "seconds": float(exemplar["value"]),
+            "at_unix": float(exemplar["timestamp"]),
+        }
+        for entry in series
+        for labels in [entry["seriesLabels"]]
+        for exemplar in entry["exemplars"]
+    ]
+    unique = {e["trace_id"]: e for e in found}.values()  # one request is stored once a scrape
+    slowest = sorted({float(e["le"]) for e in unique}, reverse=True)[:SLOWEST_BUCKETS]
+    shown = sorted((e for e in unique if float(e["le"]) in slowest), key=lambda e: -e["seconds"])[:EXEMPLARS_SHOWN]
+    wanted = {e["trace_id"]: [] for e in shown}
+    if log_path.exists():
+        with log_path.open(encoding="utf-8") as log:
+            for line in log:
+                if '"trace_id"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                lines = wanted.get(record.get("trace_id"))
+                if lines is not None and len(lines) < LOG_LINES_SHOWN:
+                    lines.append(
+                        {
+                            "timestamp": record.get("timestamp", ""),
+                            "level": record.get("level", ""),
+                            "event": record.get("event", ""),
+                            "message": record.get("message", ""),
+                            "duration_ms": record.get("duration_ms"),
+                        }
+                    )
+    return [{**e, "log_lines": wanted[e["trace_id"]]} for e in shown]
+
+
+def exemplar_section(exemplars: list[dict]) -> str:
+    """The page's list of the slowest buckets' exemplars and their requests' log lines."""
+    parts = [
+        "<section><h2>Slowest requests, by their exemplars (Prometheus query_exemplars, logs/app.log)</h2>",
+        "<p class=muted>Each exemplar is the last request a worker counted in a latency bucket; its trace id "
+        'finds the request\'s lines in the log (<code>grep \'"trace_id": "&lt;id&gt;"\' logs/app.log</code>) '
+        "and its Sentry event (<code>trace:&lt;id&gt;</code>).</p>",
+    ]
+    if not exemplars:
+        parts.append("<p class=muted>none stored in this range</p></section>")
+        return "".join(parts)
+    rows = [
+        [
+            f"<= {e['le']} s",
+            f"{e['method']} {e['route']} {e['status']}",
+            f"{number(e['seconds'] * 1000)} ms",
+            utc(e["at_unix"]),
+            e["trace_id"],
+            e["request_id"],
+            str(len(e["log_lines"])),
+        ]
+        for e in exemplars
+    ]
+    head = ["bucket", "request", "took", "at (UTC)", "trace id", "request id", "log lines"]
+    parts.append(_table(head, rows, len(head)))
+    for e in exemplars:
+        parts.append(f"<h3><code>{_e(e['trace_id'])}</code>: {number(e['seconds'] * 1000)} ms</h3>")
+        lines = [[r["timestamp"], r["level"], r["event"], r["message"]] for r in e["log_lines"]]
+        parts.append(
+            _table(["timestamp", "level", "event", "message"], lines, 4)
+            if lines
+            else "<p class=muted>no line of logs/app.log has this trace id</p>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _grid_placement(items: list[dict]) -> dict[int, tuple[int, int]]:
     """{index: (grid row, rows spanned)}: each distinct gridPos y starts a grid row, and a panel
     spans the rows that start within its height, so a tall panel sits beside stacked ones."""
@@ -1260,6 +1354,7 @@ def page(
     summary: dict | None,
     files: list,
     notes: list,
+    exemplars: list[dict] | None = None,
 ) -> str:
     title = interpolate(dashboard.get("title", "dashboard"), values)
     parts = [
@@ -1276,6 +1371,8 @@ def page(
     parts.append(f"<nav>{''.join(nav)}{dashboard_links}</nav></div></header><main>")
     if summary is not None:
         parts.append(headline(summary))
+    if exemplars is not None:
+        parts.append(exemplar_section(exemplars))
     if notes:
         parts.append("<h2>Annotations (the dashboard's annotation queries)</h2><ul>")
         parts += notes
@@ -1400,7 +1497,14 @@ def render(
                 }
             )
     files = [(path, label) for path, label in RUN_FILES if (out_dir / path).exists()]
-    text = page(dashboard, values, cards, start=start, end=end, summary=summary, files=files, notes=notes)
+    log_path = out_dir / "logs" / "app.log"
+    exemplars = None
+    if prometheus is not None and log_path.exists():  # a demo's run: its exemplars and its log
+        exemplars = slowest_exemplars(prometheus, log_path, start=start, end=end)
+        drawn["exemplars"] = exemplars
+    text = page(
+        dashboard, values, cards, start=start, end=end, summary=summary, files=files, notes=notes, exemplars=exemplars
+    )
     if prometheus is None:
         text = text.replace("<main>", "<main><p class=fail>Prometheus was not installed: no panels.</p>", 1)
     (out_dir / page_name).write_text(text)

@@ -1,7 +1,7 @@
 """The JSON line format shared by gunicorn's master, its workers and the Flask app.
 
 One event is one line of valid JSON: exceptions are structured objects, the request context
-(request id, method, path, remote address) is attached to every line written while a request is
+(request id, trace id, method, path, remote address) is attached to every line written while a request is
 being served, and no string in a line holds a control character (`escape_controls`).
 """
 
@@ -149,6 +149,7 @@ def _add_request_context(log_data: dict) -> None:
     if not has_request_context():
         return
     log_data.setdefault("request_id", g.get("request_id"))
+    log_data.setdefault("trace_id", g.get("trace_id"))
     log_data.setdefault("method", request.method)
     log_data.setdefault("path", request.path)
     log_data.setdefault("remote_addr", request.remote_addr)

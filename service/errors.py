@@ -1,7 +1,7 @@
 """One JSON error shape for everything the service can answer with.
 
     {"error": {"status": 404, "code": "not_found", "message": "...", "details": {...},
-               "request_id": "..."}}
+               "request_id": "...", "trace_id": "<32 hex: the W3C trace>"}}
 
 HTTP exceptions, validation errors, JWT failures, pool timeouts, database outages and
 unexpected exceptions all leave through `error_response`, so a client (and a log reader) only
@@ -57,6 +57,7 @@ ERROR_SCHEMA = {
                 "message": {"type": "string"},
                 "details": {"type": "object"},
                 "request_id": {"type": "string"},
+                "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
             },
         }
     },
@@ -79,7 +80,13 @@ class APIError(HTTPError):
 
 
 def error_body(
-    status: int, message: str, *, code: str | None = None, details: Any = None, request_id: str | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    details: Any = None,
+    request_id: str | None = None,
+    trace_id: str | None = None,
 ) -> dict:
     """The one shape, as data: also for answers given outside Flask (the WSGI guards)."""
     body = {
@@ -90,14 +97,18 @@ def error_body(
     }
     if request_id:
         body["request_id"] = request_id
+    if trace_id:
+        body["trace_id"] = trace_id
     return {"error": body}
 
 
 def error_response(
     status: int, message: str, *, code: str | None = None, details: Any = None, headers: dict | None = None
 ) -> Response:
-    request_id = g.get("request_id") if g else None
-    response = jsonify(error_body(status, message, code=code, details=details, request_id=request_id))
+    request_id, trace_id = (g.get("request_id"), g.get("trace_id")) if g else (None, None)
+    response = jsonify(
+        error_body(status, message, code=code, details=details, request_id=request_id, trace_id=trace_id)
+    )
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

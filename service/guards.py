@@ -30,7 +30,7 @@ from werkzeug.routing import Map
 
 from service import strict_json
 from service.errors import error_body, error_response
-from service.observability import request_log
+from service.observability import request_log, trace_context
 
 # The methods the API serves (Flask adds HEAD and OPTIONS to every route): the only values the
 # `method` label of the HTTP metrics can take.
@@ -119,9 +119,10 @@ class InputBounds:
         started = time.perf_counter()
         method = request_log.printable(environ.get("REQUEST_METHOD", ""))
         request_id = request_log.request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
+        trace = trace_context.from_environ(environ)
         allow = ", ".join(self._allowed(environ))
         message = f"Method {method} is not allowed here; the API serves {', '.join(SERVED_METHODS)}"
-        body = json.dumps(error_body(405, message, request_id=request_id)).encode()
+        body = json.dumps(error_body(405, message, request_id=request_id, trace_id=trace.trace_id)).encode()
         start_response(
             "405 METHOD NOT ALLOWED",
             [
@@ -129,10 +130,17 @@ class InputBounds:
                 ("Content-Length", str(len(body))),
                 ("Allow", allow),
                 (request_log.HEADER, request_id),
+                (trace_context.TRACERESPONSE, trace.traceresponse()),
             ],
         )
         request_log.log_answered_early(
-            environ, method=method, status=405, request_id=request_id, started=started, size=len(body)
+            environ,
+            method=method,
+            status=405,
+            request_id=request_id,
+            trace_id=trace.trace_id,
+            started=started,
+            size=len(body),
         )
         return [body]
 

@@ -23,6 +23,7 @@ import uuid
 from gunicorn import util
 
 from service.errors import error_body
+from service.observability import trace_context
 from service.security_headers import NO_STORE, NOSNIFF
 
 
@@ -31,8 +32,9 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     if status_int == 501:  # a Transfer-Encoding gunicorn does not serve: the client's doing, as nginx says too
         status_int, reason = 400, "Bad Request"
     request_id = uuid.uuid4().hex
+    trace_id = trace_context.new_id(128)  # a request gunicorn could not parse has no usable headers
     message = mesg or reason
-    body = json.dumps(error_body(status_int, message, request_id=request_id)).encode()
+    body = json.dumps(error_body(status_int, message, request_id=request_id, trace_id=trace_id)).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"

@@ -2,6 +2,7 @@
 
 `GET /_test/sleep?seconds=N` holds its worker for N seconds (at most MAX_SLEEP_SECONDS), as a
 request stuck in Python would: the way to make a worker miss GUNICORN_TIMEOUT on purpose.
+`GET /_test/error` raises, as a bug in a view would: a 500, its error line and Sentry event.
 Hidden from the OpenAPI document; never registered in development or production.
 """
 
@@ -19,6 +20,11 @@ MAX_SLEEP_SECONDS = 120.0
 
 def init_app(app) -> None:
     app.add_url_rule("/_test/sleep", "test_sleep", app.doc(hide=True)(sleep_for_test), methods=["GET"])
+    app.add_url_rule("/_test/error", "test_error", app.doc(hide=True)(error_for_test), methods=["GET"])
+
+
+def error_for_test():
+    raise RuntimeError("an unexpected failure, raised on purpose by /_test/error")
 
 
 def sleep_for_test():

@@ -180,6 +180,22 @@ def test_the_page_shows_every_panel_and_the_run(passing):
         )
 
 
+def test_the_page_lists_the_slowest_buckets_exemplars_with_their_log_lines(passing):
+    """From a slow bucket to its requests: each exemplar Prometheus stored is a request of the
+    run, whose access line (found by its trace id in logs/app.log) took what the exemplar says."""
+    _, _, _, out = passing
+    drawn = json.loads((out / "report.json").read_text())
+    shown = drawn["exemplars"]
+    assert shown, "no exemplar stored during the demo"
+    assert [e["seconds"] for e in shown] == sorted((e["seconds"] for e in shown), reverse=True)
+    page = (out / report.PAGE).read_text()
+    assert "Slowest requests, by their exemplars" in page
+    for exemplar in shown:
+        [access] = [line for line in exemplar["log_lines"] if line["event"] == "access"]
+        assert exemplar["trace_id"] in page
+        assert access["duration_ms"] == pytest.approx(exemplar["seconds"] * 1000)
+
+
 def test_the_observed_death_is_annotated_from_the_dashboard_query(passing):
     _, _, summary, out = passing
     drawn = json.loads((out / "report.json").read_text())

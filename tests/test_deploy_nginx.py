@@ -105,6 +105,19 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
         seen = requests.get(url + "/", headers={"X-Request-ID": "no spaces allowed"}, timeout=5).json()
         assert re.fullmatch(r"[0-9a-f]{32}", seen["x-request-id"])  # one the app would reject is replaced
 
+        # traceparent: started here when absent (trace id nginx's $request_id, no tracestate) ...
+        seen = requests.get(url + "/", headers={"tracestate": "rojo=1"}, timeout=5).json()
+        trace_id, span_id = seen["x-request-id"], seen["x-request-id"][:16]
+        assert seen["traceparent"] == f"00-{trace_id}-{span_id}-00" and "tracestate" not in seen
+        # ... a valid one passes with its tracestate; one with a zero id or a bad shape is replaced
+        valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        seen = requests.get(url + "/", headers={"traceparent": valid, "tracestate": "rojo=1"}, timeout=5).json()
+        assert seen["traceparent"] == valid and seen["tracestate"] == "rojo=1"
+        for bad in (f"00-{'0' * 32}-00f067aa0ba902b7-01", valid.upper(), valid + "-x", "ff" + valid[2:]):
+            seen = requests.get(url + "/", headers={"traceparent": bad, "tracestate": "rojo=1"}, timeout=5).json()
+            assert seen["traceparent"] == f"00-{seen['x-request-id']}-{seen['x-request-id'][:16]}-00", bad
+            assert "tracestate" not in seen
+
         # client_max_body_size = MAX_CONTENT_LENGTH: 65536 bytes pass, one more is refused here.
         limit = int(env_example_values()["MAX_CONTENT_LENGTH"])
         assert requests.post(url + "/books/", data=b"x" * limit, timeout=5).json()["content-length"] == str(limit)
@@ -116,7 +129,9 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
             "details": {},
             "message": f"Request body is larger than the {limit} bytes allowed",
             "request_id": "big-1",
+            "trace_id": response.json()["error"]["trace_id"],
         }
+        assert re.fullmatch(r"[0-9a-f]{32}", response.json()["error"]["trace_id"])
 
         # nginx's access log has the same id (written just after the response: wait for it).
         def logged_413s():

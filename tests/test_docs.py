@@ -41,7 +41,7 @@ def assert_not_found(response) -> None:
     assert response.status_code == 404
     assert response.mimetype == "application/json"
     error = response.get_json()["error"]
-    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert set(error) == {"status", "code", "message", "details", "request_id", "trace_id"}
     assert error["status"] == 404 and error["code"] == "not_found"
 
 

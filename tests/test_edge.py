@@ -196,13 +196,14 @@ def nginx_error(status: int, headers, body: bytes, *, expected: int, code: str, 
     assert headers["Content-Type"] == "application/json"
     assert b"<html" not in body.lower(), body
     error = json.loads(body)["error"]
-    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert set(error) == {"status", "code", "message", "details", "request_id", "trace_id"}
     assert error["status"] == expected and error["code"] == code and error["details"] == {}
     assert headers["X-Request-ID"] == error["request_id"]
     if request_id is None:
         assert re.fullmatch(r"[0-9a-f]{32}", error["request_id"]), error
     else:
         assert error["request_id"] == request_id
+    assert re.fullmatch(r"[0-9a-f]{32}", error["trace_id"]) and int(error["trace_id"], 16), error
     return error
 
 
@@ -408,7 +409,7 @@ def gunicorn_error(status: int, headers, body: bytes, *, expected: int, code: st
     assert status == expected, body
     assert headers["Content-Type"] == "application/json" and b"<html" not in body.lower(), body
     error = json.loads(body)["error"]
-    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert set(error) == {"status", "code", "message", "details", "request_id", "trace_id"}
     assert (error["status"], error["code"], error["details"]) == (expected, code, {}), error
     assert headers["X-Request-ID"] == error["request_id"] and re.fullmatch(r"[0-9a-f]{32}", error["request_id"])
     assert headers["Connection"] == "close"
@@ -461,7 +462,7 @@ def test_what_nginx_passes_and_gunicorn_refuses_is_json_through_the_edge(edge, n
     assert answered == status, body
     assert headers["Content-Type"] == "application/json" and b"<html" not in body.lower(), body
     error = json.loads(body)["error"]
-    assert set(error) == {"status", "code", "message", "details", "request_id"}
+    assert set(error) == {"status", "code", "message", "details", "request_id", "trace_id"}
     assert (error["status"], error["code"]) == (status, code), error
 
 
@@ -805,3 +806,40 @@ def test_run_edge_without_nginx_says_what_to_install(tmp_path):
     assert make.returncode != 0
     ours = [line for line in (make.stdout + make.stderr).splitlines() if not line.startswith(("make: ", "make["))]
     assert ours == ["make run-edge needs nginx, which is not installed: apt-get install nginx (Debian/Ubuntu)"]
+
+
+# --- trace context ----------------------------------------------------------------------------
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_the_edge_starts_a_trace_when_the_client_sent_none_and_passes_on_a_valid_one(edge):
+    """One trace id on nginx's access line, the app's, the error body and `traceresponse`: the
+    client's when valid, else one nginx started (its $request_id), never a zero one."""
+    cases = {
+        "edge-trace-none": ({}, None),
+        "edge-trace-client": ({"traceparent": f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"}, CLIENT_TRACE),
+        "edge-trace-zero": ({"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01", "tracestate": "a=1"}, None),
+        "edge-trace-bad": ({"traceparent": "00-xyz", "tracestate": "a=1"}, None),
+    }
+    answers = {}
+    for request_id, (headers, expected) in cases.items():
+        response = requests.get(
+            edge.nginx.url + "/books/999999", headers={"X-Request-ID": request_id, **headers}, timeout=10
+        )
+        assert response.status_code == 404
+        trace_id = response.json()["error"]["trace_id"]
+        assert response.headers["traceresponse"].startswith(f"00-{trace_id}-")
+        assert trace_id == expected if expected else (re.fullmatch("[0-9a-f]{32}", trace_id) and int(trace_id, 16))
+        answers[request_id] = trace_id
+    assert len(set(answers.values())) == len(cases)
+
+    def logged():
+        edge_lines = {e["request_id"]: e for e in edge.nginx.access_log() if e["request_id"] in cases}
+        app_lines = {e["request_id"]: e for e in app_access_lines(edge.app_log) if e["request_id"] in cases}
+        return (edge_lines, app_lines) if len(edge_lines) == len(app_lines) == len(cases) else None
+
+    edge_lines, app_lines = wait_for(logged, "the access lines of nginx and the app")
+    for request_id, trace_id in answers.items():
+        assert app_lines[request_id]["trace_id"] == trace_id
+        assert edge_lines[request_id]["trace_id"] == trace_id, request_id  # nginx's trace is the app's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -14,19 +15,21 @@ ERROR_KEYS = {"status", "code", "message", "details"}
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
-    """The one error shape: {"error": {status, code, message, details[, request_id]}}."""
+    """The one error shape: {"error": {status, code, message, details[, request_id, trace_id]}}."""
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.mimetype == "application/json"
     body = response.get_json()
     assert set(body) == {"error"}
     error = body["error"]
-    assert ERROR_KEYS <= set(error) <= ERROR_KEYS | {"request_id"}
+    assert ERROR_KEYS <= set(error) <= ERROR_KEYS | {"request_id", "trace_id"}
     assert error["status"] == status
     assert isinstance(error["code"], str) and error["code"]
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["details"], dict)
     if "request_id" in error:
         assert isinstance(error["request_id"], str) and error["request_id"]
+    if "trace_id" in error:
+        assert re.fullmatch("[0-9a-f]{32}", error["trace_id"]) and int(error["trace_id"], 16)
     if code is not None:
         assert error["code"] == code
     return error

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.stack
 
 WORKERS = 2
 IO_TIMEOUT = 30.0
-ERROR_KEYS = {"status", "code", "message", "details", "request_id"}
+ERROR_KEYS = {"status", "code", "message", "details", "request_id", "trace_id"}
 
 
 @pytest.fixture(scope="module")

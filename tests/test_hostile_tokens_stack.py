@@ -26,7 +26,7 @@ WORKERS = 3
 ISSUER = "flaskapi-observability"  # JWT_ISSUER's default
 AUDIENCE = "flaskapi-observability-api"  # JWT_AUDIENCE's default
 THIRTY_NINES = "9" * 30
-ERROR_KEYS = {"status", "code", "message", "details", "request_id"}
+ERROR_KEYS = {"status", "code", "message", "details", "request_id", "trace_id"}
 
 
 @pytest.fixture(scope="module")

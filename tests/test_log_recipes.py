@@ -43,3 +43,27 @@ def test_the_slowest_requests_recipe_sorts_by_duration_as_a_number(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = [float(line.split("\t")[0]) for line in result.stdout.splitlines()]
     assert printed == sorted(durations, reverse=True)
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (.ci/system-deps.sh installs it)")
+def test_the_trace_recipe_lists_every_line_of_that_trace_and_no_other(tmp_path):
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"  # the id the recipe is written with
+    lines = [
+        {"timestamp": "t1", "level": "INFO", "event": "access", "message": "GET / 200", "trace_id": "0" * 31 + "1"},
+        {"timestamp": "t2", "level": "ERROR", "event": "unhandled_exception", "message": "boom", "trace_id": trace},
+        {"timestamp": "t3", "level": "ERROR", "event": "access", "message": "GET /x 500", "trace_id": trace},
+    ]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "app.log").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (tmp_path / "logs" / "app.log.2026-12-01").write_text(json.dumps({**lines[1], "timestamp": "t0"}) + "\n")
+    result = subprocess.run(
+        ["bash", "-c", recipe("every line of one trace")],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = sorted(json.loads(line)[0] for line in result.stdout.splitlines())
+    assert printed == ["t0", "t2", "t3"]  # the rotated file too

@@ -25,6 +25,8 @@ QUERY = f"apikey={APIKEY}&sig={SIG}"
 # Allowed headers whose values must arrive (so the absence of the others means something).
 USER_AGENT = "leak-check/1.0"
 ACCEPT = "application/vnd.leak-check+json"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 class FixedClock:
@@ -88,7 +90,11 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
     response = app.test_client().post(
         f"/explode?{QUERY}",
         json={"title": "t", "password": PASSWORD},
-        headers={**hostile_request_headers("sentry-req-1"), "Cookie": f"session={PASSWORD}"},
+        headers={
+            **hostile_request_headers("sentry-req-1"),
+            "Cookie": f"session={PASSWORD}",
+            "traceparent": TRACEPARENT,
+        },
     )
     assert response.status_code == 500
     sentry_sdk.flush(5)
@@ -103,6 +109,10 @@ def test_unhandled_exception_is_reported_with_request_id_and_no_secrets(make_app
     assert "data" not in event["request"]
     assert event["transaction"] == "/explode"
     assert receiver.transactions() == []  # tracing is off: no transaction per request
+    # the caller's W3C trace is the event's, with this request's span under the caller's
+    trace = event["contexts"]["trace"]
+    assert trace["trace_id"] == TRACE_ID and trace["parent_span_id"] == "00f067aa0ba902b7"
+    assert trace["span_id"] == response.headers["traceresponse"].split("-")[2]
     raw = b"".join(receiver.raw).decode()
     assert "kaboom in a view" in raw  # the envelope was read: the absence below means something
     assert_request_scrubbed(event, raw)
@@ -123,7 +133,7 @@ def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
             "TEST_TMP": str(tmp_path),
             "TEST_DSN": receiver.dsn,
             "TEST_QUERY": QUERY,
-            "TEST_HEADERS": json.dumps(hostile_request_headers("traced-req")),
+            "TEST_HEADERS": json.dumps({**hostile_request_headers("traced-req"), "traceparent": TRACEPARENT}),
         },
         timeout=120,
     )
@@ -134,6 +144,8 @@ def test_with_tracing_the_sdk_integrations_report_the_error_and_its_transaction(
     assert event["request"]["headers"]["Authorization"] == "[Filtered]"
     [transaction] = receiver.wait_for(lambda e: e["transaction"] == "/explode", transactions=True)
     assert transaction["tags"]["request_id"] == "traced-req"
+    # the caller's W3C trace is Sentry's trace, on the error and on the request's transaction
+    assert event["contexts"]["trace"]["trace_id"] == transaction["contexts"]["trace"]["trace_id"] == TRACE_ID
     assert [span["description"] for span in transaction["spans"] if span.get("op") == "db"] == ["SELECT 1"]
     raw = b"".join(receiver.raw).decode()
     assert "kaboom with tracing" in raw

@@ -13,6 +13,10 @@ import yaml
 from bench.harness.environment import ROOT, free_port
 from bench.harness.process import ManagedProcess
 
+# Keeps the exemplars it scrapes (the latency buckets' trace ids, exemplars.py), as every
+# Prometheus of the project runs: docker-compose.yml, the systemd drop-in.
+EXEMPLAR_STORAGE = "--enable-feature=exemplar-storage"
+
 
 class Prometheus(ManagedProcess):
     """Prometheus on a free loopback port, its config, TSDB and log under `workdir`; ready when
@@ -70,6 +74,7 @@ class Prometheus(ManagedProcess):
                 f"--config.file={self.config_path}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
+                EXEMPLAR_STORAGE,
             ],
             log_path=workdir / "prometheus.out",
             ready_url=self.url + "/-/ready",
@@ -101,6 +106,14 @@ class Prometheus(ManagedProcess):
         if body.get("status") != "success":
             raise ValueError(f"{expr}: {body.get('error')}")
         return body["data"]["result"]
+
+    def query_exemplars(self, expr: str, start: float, end: float) -> list[dict]:
+        """/api/v1/query_exemplars: per series of `expr`, its exemplars between start and end."""
+        params = {"query": expr, "start": start, "end": end}
+        body = requests.get(self.url + "/api/v1/query_exemplars", params=params, timeout=30).json()
+        if body.get("status") != "success":
+            raise ValueError(f"{expr}: {body.get('error')}")
+        return body["data"]
 
     def alerts(self) -> list[dict]:
         """The alerts its rules hold now, pending or firing, with labels and `state`."""

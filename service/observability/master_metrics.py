@@ -1,10 +1,12 @@
 """The gunicorn master's metrics endpoint (METRICS_BIND).
 
 It serves every live worker's multiprocess samples and the dead workers' totals
-(sample_files.py) merged, plus what only the master knows: worker exits and restarts, the
-workers alive, build info, whether the database answers, and the standard `process_*` series
-for the master and each live worker, labelled `pid` and `role` (multiprocess mode has no process
-collector: prometheus_client's would describe only the process serving the scrape).
+(sample_files.py) merged, with the live workers' exemplars on the latency buckets (exemplars.py;
+OpenMetrics only, when the scraper's Accept asks for it), plus what only the master knows:
+worker exits and restarts, the workers alive, build info, whether the database answers, and the
+standard `process_*` series for the master and each live worker, labelled `pid` and `role`
+(multiprocess mode has no process collector: prometheus_client's would describe only the
+process serving the scrape).
 
 Served by prometheus_client's WSGI app on the stdlib's wsgiref server, as its
 `start_http_server` does, but with a request handler that names itself `Server:
@@ -33,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from service.observability import sample_files
+from service.observability import exemplars, sample_files
 from service.observability.sample_files import DeadWorkers
 from service.observability.worker_exits import STOPPED
 from service.security_headers import SecurityHeaders
@@ -181,7 +183,9 @@ class WorkerSamples(MultiProcessCollector):
             self._listed = {name for name in listed if name[1] in live}
             metrics = MultiProcessCollector._read_metrics(list(listed.values()))
         add_held(metrics, sample_files.held())
-        return MultiProcessCollector._accumulate_metrics(metrics, accumulate=True)
+        merged = MultiProcessCollector._accumulate_metrics(metrics, accumulate=True)
+        exemplars.attach(merged, exemplars.read(self._path, live))
+        return merged
 
     def _live(self) -> set[str]:
         return {str(pid) for pid in list(self.server.WORKERS)}  # list(): one step, as the arbiter changes it
@@ -296,6 +300,7 @@ def worker_gone(pid: int) -> None:
     counting, and its files are deleted (the directory does not grow with crashes). Never
     raises: it runs in the arbiter's loop, which an exception would stop."""
     try:
+        exemplars.forget(dead_workers().directory, pid)
         dead_workers().fold(pid)
     except Exception:  # a full disk, an unwritable directory: its files stay, counted as they are
         log.exception(

@@ -110,9 +110,10 @@ def worker_started() -> None:
     files, its pool's capacity counts from the start, and the sampler starts. Never in the
     master, whose files would count as one more live process. Called only when the master
     serves metrics (gunicorn_hooks.py)."""
-    from service.observability import pool_metrics, sample_files
+    from service.observability import exemplars, pool_metrics, sample_files
 
     sample_files.start()
+    exemplars.start(LATENCY_BUCKETS)
     pool_metrics.worker_started()
     threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
@@ -122,15 +123,18 @@ def _sample_forever() -> None:
     are read here once every SAMPLE_SECONDS instead of written on every change: a gauge is only
     ever seen at scrape time anyway, and writing each change to the multiprocess files costs
     four writes under one process-wide lock per request (~15 us, measured). Each round also
-    rewrites this worker's sample files if they were removed (sample_files.repair)."""
-    from service.observability import pool_metrics, request_log, sample_files
+    rewrites this worker's sample files if they were removed (sample_files.repair) and writes
+    the exemplars kept since the last round (exemplars.dump)."""
+    from service.observability import exemplars, pool_metrics, request_log, sample_files
 
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     failing = False
     while True:
         IN_PROGRESS.set(len(request_log.serving))  # the threads serving a request now
         pool_metrics.sample()
         try:
             rewritten = sample_files.repair()
+            exemplars.dump(directory)
         except OSError as exc:  # the directory unwritable, the disk full: tried again each round
             if not failing:
                 log.error(

@@ -2,7 +2,9 @@
 
 The app (not gunicorn) writes the access line because only it knows the route template, the
 user and the request id. `X-Request-ID` is taken from the client when it is sane, generated
-otherwise, echoed in the response and attached to every log line of the request.
+otherwise, echoed in the response and attached to every log line of the request. Beside it,
+the request's W3C trace (trace_context.py): its trace id on the same lines, its
+`traceresponse` on the response.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import uuid
 
 from flask import Flask, Response, g, request
 from flask_jwt_extended import get_jwt_identity
+
+from service.observability import exemplars, trace_context
 
 HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -41,7 +45,10 @@ def request_id_from(incoming: str) -> str:
 
 def _begin() -> None:
     g.request_started = time.perf_counter()
-    g.request_id = request_id_from(request.headers.get(HEADER, ""))
+    headers = request.headers
+    g.request_id = request_id_from(headers.get(HEADER, ""))
+    g.trace = trace_context.from_headers(headers.get(trace_context.TRACEPARENT), headers.get(trace_context.TRACESTATE))
+    g.trace_id = g.trace.trace_id
     serving[threading.get_ident()] = g.request_id
 
 
@@ -63,20 +70,26 @@ def _end(response: Response) -> Response:
     if request_id is None:  # a hook failed before _begin ran: still give the request an id
         _begin()
         request_id = g.request_id
+    trace = g.trace
     response.headers[HEADER] = request_id
+    response.headers[trace_context.TRACERESPONSE] = trace.traceresponse()
     duration_ms = round((time.perf_counter() - g.request_started) * 1000, 3)
     rule = request.url_rule
+    route = rule.rule if rule is not None else None
+    status = response.status_code
     _write_access_line(
         method=request.method,
         path=request.path,
-        status=response.status_code,
+        status=status,
         duration_ms=duration_ms,
         request_id=request_id,
+        trace_id=trace.trace_id,
         remote_addr=request.remote_addr,
-        route=rule.rule if rule is not None else None,
+        route=route,
         user_id=_user_id(),
         size=response.calculate_content_length(),
     )
+    exemplars.latency(request.method, route, status, duration_ms, trace.trace_id, request_id)
     return response
 
 
@@ -87,7 +100,9 @@ def printable(value: str, limit: int = 32) -> str:
     return shown + "..." if len(value) > limit else shown
 
 
-def log_answered_early(environ: dict, *, method: str, status: int, request_id: str, started: float, size: int) -> None:
+def log_answered_early(
+    environ: dict, *, method: str, status: int, request_id: str, trace_id: str, started: float, size: int
+) -> None:
     """The access line of a request answered by WSGI middleware before Flask saw it (no route,
     no user): the same fields as every other access line."""
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -99,6 +114,7 @@ def log_answered_early(environ: dict, *, method: str, status: int, request_id: s
         status=status,
         duration_ms=duration_ms,
         request_id=request_id,
+        trace_id=trace_id,
         remote_addr=environ.get("REMOTE_ADDR"),
         route=None,
         user_id=None,
@@ -106,7 +122,9 @@ def log_answered_early(environ: dict, *, method: str, status: int, request_id: s
     )
 
 
-def _write_access_line(*, method, path, status, duration_ms, request_id, remote_addr, route, user_id, size) -> None:
+def _write_access_line(
+    *, method, path, status, duration_ms, request_id, trace_id, remote_addr, route, user_id, size
+) -> None:
     """The one access line format: ERROR for a 5xx, INFO otherwise; the request context is
     given here so the formatter need not look it up again."""
     access_log.log(
@@ -119,6 +137,7 @@ def _write_access_line(*, method, path, status, duration_ms, request_id, remote_
         extra={
             "event": "access",
             "request_id": request_id,
+            "trace_id": trace_id,
             "method": method,
             "path": path,
             "remote_addr": remote_addr,

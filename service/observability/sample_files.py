@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import struct
@@ -30,6 +31,8 @@ import threading
 
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from service.observability import exemplars
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,10 @@ class FileValue:
             self._write()
 
     def set_exemplar(self, exemplar) -> None:
-        """Exemplars are not kept in multiprocess mode (as prometheus_client's)."""
+        """A histogram bucket's exemplar, kept by exemplars.py beside the sample files (a
+        worker's own; prometheus_client keeps none in multiprocess mode)."""
+        _metric_name, name, labels, _help = json.loads(self._key)
+        exemplars.keep(name, tuple(sorted(labels.items())), exemplar)
 
     def get(self):
         with _lock:

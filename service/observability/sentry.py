@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 # failed request (who called, with what body, through which proxy scheme, which request) and
 # none can hold a credential. Left out on purpose: X-Forwarded-For and X-Real-IP (the client's
 # address, personal data; user_info is off for the same reason), Referer (a URL, with whatever
-# its query carried), Origin, Forwarded, and anything custom.
+# its query carried), Origin, Forwarded, tracestate (a vendor's opaque state, kept on the trace
+# context only when valid), and anything custom.
 ALLOWED_HEADERS = frozenset(
     {
         "accept",
@@ -60,6 +61,7 @@ ALLOWED_HEADERS = frozenset(
         "content-type",
         "host",
         "transfer-encoding",
+        "traceparent",
         "user-agent",
         "x-forwarded-proto",
         "x-request-id",
@@ -130,6 +132,10 @@ def init_app(app: Flask, settings: Settings) -> None:
         @app.before_request
         def _tag_request_id() -> None:
             sentry_sdk.get_isolation_scope().set_tag("request_id", g.get("request_id"))
+            # the request's transaction (and the spans it starts from now on) in our W3C trace
+            trace, span = g.get("trace"), sentry_sdk.get_current_span()
+            if trace is not None and span is not None:
+                span.trace_id = trace.trace_id
 
 
 def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +150,8 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
         return event
     event.setdefault("tags", {}).setdefault("request_id", g.get("request_id"))
     if sentry_sdk.get_client().get_integration(FlaskIntegration) is not None:
-        return event  # tracing mode: the integration describes the request itself
+        return event  # tracing mode: the integration describes the request, its span our trace
+    _join_trace(event)
     info = event.setdefault("request", {})
     info.update(
         url=request.base_url,
@@ -157,6 +164,28 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
         event["transaction"] = rule.rule
         event["transaction_info"] = {"source": "route"}
     return event
+
+
+def _join_trace(event: dict[str, Any]) -> None:
+    """The event's trace is the request's W3C trace (trace_context.py): Sentry's trace id is
+    the one on the log lines, the error body and `traceresponse`, so `trace:<id>` in Sentry
+    finds the event of a trace id grepped from the logs. sentry-sdk continues only its own
+    `sentry-trace` and `baggage` headers, never `traceparent`; without tracing there is no
+    scope per request whose propagation context could hold it (the scopes are shared by the
+    requests a thread serves), so it is written on the event, when one is captured: nothing
+    per request."""
+    trace = g.get("trace")
+    if trace is None:
+        return
+    context = event.setdefault("contexts", {}).setdefault("trace", {})
+    context["trace_id"] = trace.trace_id
+    context["span_id"] = trace.span_id
+    if trace.parent_id is not None:
+        context["parent_span_id"] = trace.parent_id
+    else:
+        context.pop("parent_span_id", None)
+    if trace.tracestate is not None:
+        context.setdefault("data", {})["tracestate"] = trace.tracestate
 
 
 def _register_request_context() -> None:
