@@ -294,6 +294,29 @@ def test_the_report_renders_the_two_rows_with_their_units(run, pool, tmp_path):
     assert (tmp_path / "dashboard.html").read_text().count("<img ") == 15
 
 
+def test_a_new_host_in_the_target_file_is_scraped_without_a_restart(run):
+    """file_sd: Prometheus rereads the file when it changes; a second entry (the same exporter
+    under another host name) becomes a target with its host, and leaves with the entry."""
+    prometheus, workdir = run["prometheus"], run["workdir"]
+    path = workdir / exporters.TARGET_FILES["node"]
+    original = path.read_text()
+    [address] = {t for group in yaml.safe_load(original) for t in group["targets"]}
+
+    def active_hosts() -> set[str]:
+        targets = requests.get(prometheus.url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return {t["labels"]["host"] for t in targets if t["labels"]["job"] == "node"}
+
+    exporters.write_targets(workdir, "node", {HOST: address, "app-2": address})
+    wait_for(lambda: prometheus.query('up{job="node", host="app-2"} == 1'), "the new host scraped")
+    path.write_text(original)
+    wait_for(lambda: active_hosts() == {HOST}, "the removed host dropped")
+
+
+def test_a_missing_exporter_binary_says_which_package_to_install():
+    with pytest.raises(RuntimeError, match=r"apt-get install prometheus-no-such-exporter"):
+        exporters.binary("prometheus-no-such-exporter")
+
+
 def test_a_stopped_exporter_is_what_the_exporter_down_alert_sees(run):
     """Last (it stops the node exporter): its target answers no more, and the alert's expression
     (its `for` aside) names that target and host; the Postgres exporter's is not named."""
