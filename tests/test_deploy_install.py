@@ -8,6 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from tests.deploy_files import DEPLOY, ENV_EXAMPLE, INSTALL, NGINX_SITE, SECRET, SYSTEMD, UNITS
 from tests.deploy_tools import run, tool
 
@@ -141,5 +143,10 @@ def test_database_host_gets_both_exporters_their_queries_and_the_role(tmp_path):
     assert (with_statements / EXPORTERS / "queries.yml").read_text() == (QUERIES / "queries.yml").read_text() + (
         QUERIES / "statements.yml"
     ).read_text()
+    # one queries file, both queries in it
+    assert set(yaml.safe_load((with_statements / EXPORTERS / "queries.yml").read_text())) == {
+        "pg_lock_waits",
+        "pg_slow_statements",
+    }
     refused = run([INSTALL, "--root", str(tmp_path / "x"), "--pg-stat-statements"], check=False, timeout=60)
     assert refused.returncode != 0 and "--pg-stat-statements is for --role db-host" in refused.stderr
