@@ -6,7 +6,9 @@
 # saturation load, and its harness test), chromium-headless-shell (/docs rendered with no network),
 # jq (the log recipes of docs/logging.md, run as written), rsyslog + rsyslog-relp (log shipping:
 # our own rsyslogd processes, never the system's), logrotate (the log host's rotation), lnav (its
-# format for the JSON stream), openssl (certificates for the RELP TLS test).
+# format for the JSON stream), openssl (certificates for the RELP TLS test),
+# prometheus-node-exporter + prometheus-postgres-exporter (the dashboard's Hosts and Database
+# server rows on real exporters).
 # Used by `make test` and `make bench`.
 set -euo pipefail
 missing=()
@@ -14,7 +16,8 @@ for tool in prometheus:prometheus promtool:prometheus prometheus-alertmanager:pr
             amtool:prometheus-alertmanager nginx:nginx shellcheck:shellcheck \
             docker-compose:docker-compose systemd-analyze:systemd wrk:wrk \
             chromium-headless-shell:chromium-headless-shell jq:jq rsyslogd:rsyslog logrotate:logrotate \
-            lnav:lnav openssl:openssl; do
+            lnav:lnav openssl:openssl prometheus-node-exporter:prometheus-node-exporter \
+            prometheus-postgres-exporter:prometheus-postgres-exporter; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${tool%%:*}" >/dev/null 2>&1 \
     || missing+=("${tool##*:}")
 done

@@ -151,9 +151,9 @@ def annotation_exprs(dashboard: dict) -> list[tuple[str, str]]:
 
 # --- variables and macros ------------------------------------------------------------------------
 
-# The dashboard's template variables as the report fills them (one app host, the demo's jobs);
-# a variable not named here takes its saved value, or "All" (`allValue` or `.+`).
-VARIABLES = {"job": "flaskapi", "instance": ".+"}
+# The dashboard's template variables as the report fills them (the demo's jobs, every instance
+# and host); a variable not named here takes its saved value, or "All" (`allValue` or `.+`).
+VARIABLES = {"job": "flaskapi", "instance": ".+", "host": ".+"}
 
 
 def variables(dashboard: dict) -> dict[str, str]:
@@ -397,6 +397,7 @@ BYTE_UNITS = {  # unit id: (bytes in one, base, prefixes)
     "kbytes": (1024, 1024, ("B", "KiB", "MiB", "GiB", "TiB")),
     "mbytes": (1024**2, 1024, ("B", "KiB", "MiB", "GiB", "TiB")),
     "decbytes": (1, 1000, ("B", "kB", "MB", "GB", "TB")),
+    "binBps": (1, 1024, ("B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s")),
 }
 COUNT_UNITS = {"", "none", "short", "count", "locale", "sishort", "string"}
 

@@ -8,13 +8,15 @@
 #   deploy/install.sh --dry-run                 # print each command instead of running it
 #   sudo deploy/install.sh --log-host 10.0.0.40 # ...and ship the JSON log to the log host
 #   sudo deploy/install.sh --role log-host      # the LOG host instead (see install_log_host)
+#   sudo deploy/install.sh --role db-host --exporter-address 10.0.0.20   # the DATABASE host's exporters
 #
 # Steps: apt packages -> user/group flaskapi -> code to /opt/flaskapi/app -> venv
 # /opt/flaskapi/venv (pip install of the app, not editable) -> /etc/flaskapi/flaskapi.env from
 # deploy/env.example if missing (0640 root:flaskapi, never overwritten) -> units to
 # /etc/systemd/system + daemon-reload -> nginx site -> if JWT_SECRET_KEY and DB_URI are set:
 # migrations (flaskapi-migrate.service), enable + restart flaskapi.service. Otherwise it stops
-# before migrating and starting, and says what to set; run it again afterwards.
+# before migrating and starting, and says what to set; run it again afterwards. Every host also
+# gets Debian's node exporter (the database host the Postgres exporter too: install_exporters).
 set -euo pipefail
 
 PREFIX=/opt/flaskapi
@@ -35,11 +37,15 @@ REPO_URL=""
 REPO_REF=""
 ROLE=app
 LOG_HOST=""
+EXPORTER_ADDRESS=""
+WITH_EXPORTERS=1
+PG_STAT_STATEMENTS=0
 
 usage() {
   cat <<'EOF'
 Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx] [--no-venv]
-                  [--log-host ADDR[:PORT]] [--role app|log-host]
+                  [--log-host ADDR[:PORT]] [--role app|log-host|db-host]
+                  [--exporter-address ADDR] [--no-exporters] [--pg-stat-statements]
 
   --root DIR    install under DIR (a throwaway tree): apt, useradd, chown, systemctl and the
                 migrations are skipped, with a message
@@ -54,6 +60,18 @@ Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx]
   --role log-host
                 install the log host instead of an app host: rsyslog receiving RELP,
                 flaskapi-loghost.service, /var/log/flaskapi-central, logrotate, lnav's format
+  --role db-host
+                the DATABASE host's exporters only (Postgres itself is yours: deploy/postgres/):
+                node and Postgres exporters, the exporter's role (deploy/postgres/exporter_role.sql)
+  --exporter-address ADDR
+                the host's private address its exporters listen on (node 9100, Postgres 9187),
+                where the monitoring host scrapes them; without it they stay on 127.0.0.1 (or
+                keep what /etc/flaskapi-exporters/exporters.env says)
+  --no-exporters
+                app host: no node exporter (you run your own)
+  --pg-stat-statements
+                db-host: also export the slowest statements (needs pg_stat_statements preloaded:
+                monitoring/postgres-exporter/statements.yml)
 EOF
 }
 
@@ -74,6 +92,10 @@ while [ $# -gt 0 ]; do
     --log-host=*) LOG_HOST=${1#--log-host=}; shift ;;
     --role) [ $# -ge 2 ] || die "--role needs app or log-host"; ROLE=$2; shift 2 ;;
     --role=*) ROLE=${1#--role=}; shift ;;
+    --exporter-address) [ $# -ge 2 ] || die "--exporter-address needs an address"; EXPORTER_ADDRESS=$2; shift 2 ;;
+    --exporter-address=*) EXPORTER_ADDRESS=${1#--exporter-address=}; shift ;;
+    --no-exporters) WITH_EXPORTERS=0; shift ;;
+    --pg-stat-statements) PG_STAT_STATEMENTS=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -85,8 +107,14 @@ case "$ROLE" in
     [ -z "$REPO_URL" ] || die "--repo is for the app role: run the log host's install from a checkout"
     [ -z "$LOG_HOST" ] || die "--log-host is for app hosts (where to ship); the log host receives"
     ;;
-  *) die "--role: app or log-host, not $ROLE" ;;
+  db-host)
+    [ -z "$REPO_URL" ] || die "--repo is for the app role: run the database host's install from a checkout"
+    [ -z "$LOG_HOST" ] || die "--log-host is for app hosts"
+    [ "$WITH_EXPORTERS" -eq 1 ] || die "--no-exporters: the database host's install is its exporters"
+    ;;
+  *) die "--role: app, log-host or db-host, not $ROLE" ;;
 esac
+[ "$PG_STAT_STATEMENTS" -eq 0 ] || [ "$ROLE" = db-host ] || die "--pg-stat-statements is for --role db-host"
 
 umask 022
 if [ -n "$ROOT" ]; then
@@ -185,6 +213,77 @@ install_log_host() {
 }
 if [ "$ROLE" = log-host ]; then
   install_log_host
+  say "done"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The exporters (docs/deployment.md, "The exporters: hosts and database"): Debian's node exporter
+# on every host, the Postgres exporter on the database host, each under its distribution unit with
+# a drop-in (deploy/systemd/*.service.d/) that reads /etc/flaskapi-exporters/exporters.env: the
+# private address to listen on and, for Postgres, the role to connect as.
+EXPORTERS_DIR=/etc/flaskapi-exporters
+install_exporters() {
+  local with_postgres=$1 deploy=$SOURCE/deploy monitoring=$SOURCE/monitoring
+  local env_path=$ROOT$EXPORTERS_DIR/exporters.env units=(prometheus-node-exporter)
+  [ "$with_postgres" -eq 0 ] || units+=(prometheus-postgres-exporter)
+  say "exporters: ${units[*]}"
+  if real_system "apt-get install ${units[*]}"; then
+    export DEBIAN_FRONTEND=noninteractive
+    run apt-get install -y -q --no-install-recommends "${units[@]}"
+  fi
+  run install -d -m 0755 "$ROOT$EXPORTERS_DIR"
+  if [ -n "$EXPORTER_ADDRESS" ] || [ ! -e "$env_path" ]; then
+    local address=${EXPORTER_ADDRESS:-127.0.0.1}
+    [ -n "$EXPORTER_ADDRESS" ] || note "no --exporter-address: listening on 127.0.0.1 (the monitoring host cannot scrape it)"
+    if [ "$DRY_RUN" -eq 1 ]; then
+      printf '+ write %q: EXPORTER_ADDRESS=%s\n' "$env_path" "$address"
+    else
+      {
+        echo "# Written by deploy/install.sh (--exporter-address): read by the exporters' drop-ins."
+        echo "EXPORTER_ADDRESS=$address"
+        echo "# The Postgres exporter: the role prometheus over the local socket (peer authentication)."
+        echo "DATA_SOURCE_NAME='user=prometheus host=/run/postgresql dbname=postgres'"
+      } > "$env_path"
+    fi
+  else
+    note "kept $env_path (--exporter-address changes it)"
+  fi
+  run chmod 0644 "$env_path"
+  if [ "$with_postgres" -eq 1 ]; then
+    local queries=("$monitoring/postgres-exporter/queries.yml")
+    [ "$PG_STAT_STATEMENTS" -eq 0 ] || queries+=("$monitoring/postgres-exporter/statements.yml")
+    if [ "$DRY_RUN" -eq 1 ]; then
+      printf '+ cat'; printf ' %q' "${queries[@]}"; printf ' > %q\n' "$ROOT$EXPORTERS_DIR/queries.yml"
+    else
+      cat "${queries[@]}" > "$ROOT$EXPORTERS_DIR/queries.yml"
+    fi
+    run chmod 0644 "$ROOT$EXPORTERS_DIR/queries.yml"
+  fi
+  local unit
+  for unit in "${units[@]}"; do
+    run install -d -m 0755 "$ROOT$UNIT_DIR/$unit.service.d"
+    run install -m 0644 "$deploy/systemd/$unit.service.d/flaskapi.conf" "$ROOT$UNIT_DIR/$unit.service.d/flaskapi.conf"
+  done
+  if [ "$with_postgres" -eq 1 ] && real_system "psql: the exporter's role (exporter_role.sql)"; then
+    if command -v psql >/dev/null 2>&1 && getent passwd postgres >/dev/null; then
+      run runuser -u postgres -- psql -q -f - < "$deploy/postgres/exporter_role.sql"
+    else
+      note "no local Postgres yet: run deploy/postgres/exporter_role.sql as postgres once it is installed"
+    fi
+  fi
+  if real_system "systemctl daemon-reload, enable + restart ${units[*]}"; then
+    run systemctl daemon-reload
+    for unit in "${units[@]}"; do
+      run systemctl enable --quiet "$unit.service"
+      run systemctl restart "$unit.service"
+    done
+    note "scrape them from the monitoring host: ${EXPORTER_ADDRESS:-127.0.0.1}:9100 (job node)$(
+      [ "$with_postgres" -eq 0 ] || echo ", :9187 (job postgres)")"
+  fi
+}
+if [ "$ROLE" = db-host ]; then
+  install_exporters 1
   say "done"
   exit 0
 fi
@@ -306,6 +405,10 @@ if [ "$WITH_NGINX" -eq 1 ]; then
     run systemctl enable --quiet nginx
     run systemctl reload-or-restart nginx
   fi
+fi
+
+if [ "$WITH_EXPORTERS" -eq 1 ]; then
+  install_exporters 0
 fi
 
 if [ -n "$LOG_HOST" ]; then

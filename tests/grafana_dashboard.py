@@ -71,3 +71,22 @@ def unfiltered_selectors(expr: str) -> list[str]:
         if JOB not in matchers or not (recorded(match.group(0)) or INSTANCE.search(matchers)):
             bad.append(match.group(0) + (selector.group(0) if selector else ""))
     return bad
+
+
+# The exporters' series (Debian's node and Postgres exporters, monitoring/postgres-exporter/
+# queries.yml): their targets carry the `host` they run on, which the Hosts and Database server
+# rows follow, and the job of their exporter.
+EXPORTER_METRIC = re.compile(r"(?<![\w:])(?:node|pg)_\w+")
+EXPORTER_JOB = {"node": 'job="node"', "pg": 'job="postgres"'}
+HOST = 'host=~"$host"'
+
+
+def unfiltered_exporter_selectors(expr: str) -> list[str]:
+    """The selectors of exporter series in `expr` without their job and `host=~"$host"`."""
+    bad = []
+    for match in EXPORTER_METRIC.finditer(expr):
+        selector = re.match(r"\{([^}]*)\}", expr[match.end() :])
+        matchers = selector.group(1) if selector else ""
+        if EXPORTER_JOB[match.group(0).split("_")[0]] not in matchers or HOST not in matchers:
+            bad.append(match.group(0) + (selector.group(0) if selector else ""))
+    return bad

@@ -250,6 +250,11 @@ INHIBITIONS = {
         [("FlaskapiMetricsAbsent", {"metric": "flaskapi_database_up"})],
         [("FlaskapiMetricsAbsent", {"metric": "flaskapi_database_up", "job": "another"})],
     ),
+    "an exporter down holds back its job's missing series": (
+        [("FlaskapiExporterDown", {"instance": "db:9187", "host": "db"})],
+        [("FlaskapiMetricsAbsent", {"metric": "pg_stat_activity_count"})],
+        [("FlaskapiMetricsAbsent", {"metric": "pg_stat_activity_count", "job": "another"})],
+    ),
     "a database outage holds back the 5xx and availability pages": (
         [("FlaskapiDatabaseWasDown", {"instance": "a:9200"}), ("FlaskapiNotReady", {"instance": "a:9200"})],
         [("FlaskapiHigh5xxRatio", {"instance": "a:9200"}), ("FlaskapiAvailabilityBudgetBurn", {"window": "1h"})],

@@ -54,6 +54,8 @@ def test_compose_mounts_existing_paths_and_publishes_only_loopback_ports():
         "locust-worker",
         "logship",
         "loghost",
+        "node-exporter",
+        "postgres-exporter",
     }
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -135,16 +137,34 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
     ours = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
     assert without_targets(ours) == without_targets(repo)
     targets = {
-        job["job_name"]: [t for s in job["static_configs"] for t in s["targets"]] for job in ours["scrape_configs"]
+        job["job_name"]: [t for s in job.get("static_configs", []) for t in s["targets"]]
+        for job in ours["scrape_configs"]
     }
-    assert targets == {"flaskapi": ["app:9200"], "locust": ["locust-master:9646"], "prometheus": ["localhost:9090"]}
+    # the exporters' jobs read the same target files, from the compose directory
+    for job in ours["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            targets[job["job_name"]] = [
+                t
+                for f in sd["files"]
+                for g in yaml.safe_load((DEPLOY / "compose" / f).read_text())
+                for t in g["targets"]
+            ]
+    assert targets == {
+        "flaskapi": ["app:9200"],
+        "locust": ["locust-master:9646"],
+        "prometheus": ["localhost:9090"],
+        "node": ["node-exporter:9100"],
+        "postgres": ["postgres-exporter:9187"],
+    }
     assert [a["static_configs"][0]["targets"] for a in ours["alerting"]["alertmanagers"]] == [["alertmanager:9093"]]
     mounts = dict(v.split(":")[:2] for v in compose()["services"]["prometheus"]["volumes"])
     assert mounts["./deploy/compose/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     assert mounts["./monitoring/rules"] == "/etc/prometheus/rules"
+    assert mounts["./deploy/compose/targets"] == "/etc/prometheus/targets"
     # As mounted: the rules next to the config, checked by promtool.
     shutil.copy(DEPLOY / "compose" / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copytree(ROOT / "monitoring" / "rules", tmp_path / "rules")
+    shutil.copytree(DEPLOY / "compose" / "targets", tmp_path / "targets")
     run([tool("promtool"), "check", "config", tmp_path / "prometheus.yml"])
 
 
@@ -242,3 +262,18 @@ def test_image_cmd_and_healthcheck_serve_like_the_container(app_database, tmp_pa
         assert run(healthcheck, env=env, timeout=10, check=False).returncode != 0
     finally:
         container.stop(20)
+
+
+def test_compose_exporters_are_debians_versions_on_the_compose_network():
+    """The exporters of a host install, at the versions Debian bookworm packages: the same
+    metrics and the same queries file; scraped on the compose network, never published."""
+    services = compose()["services"]
+    node, database = services["node-exporter"], services["postgres-exporter"]
+    assert node["image"] == "prom/node-exporter:v1.5.0"
+    assert database["image"].endswith("/postgres-exporter:v0.11.1")
+    assert "ports" not in node and "ports" not in database
+    mounts = dict(v.split(":")[:2] for v in database["volumes"])
+    assert mounts["./monitoring/postgres-exporter/queries.yml"] == "/etc/postgres-exporter/queries.yml"
+    assert "--extend.query-path=/etc/postgres-exporter/queries.yml" in database["command"]
+    assert "@postgres:5432/" in database["environment"]["DATA_SOURCE_NAME"]
+    assert database["depends_on"] == {"postgres": {"condition": "service_healthy"}}

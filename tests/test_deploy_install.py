@@ -8,6 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from tests.deploy_files import DEPLOY, ENV_EXAMPLE, INSTALL, NGINX_SITE, SECRET, SYSTEMD, UNITS
 from tests.deploy_tools import run, tool
 
@@ -94,3 +96,57 @@ def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     for line in expected:
         assert line in result.stdout, line
     assert {p: p.exists() for p in watched} == existed
+
+
+EXPORTERS = Path("etc/flaskapi-exporters")
+QUERIES = DEPLOY.parent / "monitoring" / "postgres-exporter"
+
+
+def drop_in(unit: str) -> Path:
+    return Path("etc/systemd/system") / f"{unit}.service.d" / "flaskapi.conf"
+
+
+def test_app_host_gets_the_node_exporter_on_its_private_address(tmp_path):
+    root = tmp_path / "root"
+    result = install("--root", str(root), "--no-venv", "--exporter-address", "10.0.0.10")
+    assert "skipped (--root): apt-get install prometheus-node-exporter" in result.stdout
+    assert (root / drop_in("prometheus-node-exporter")).read_text() == (
+        SYSTEMD / "prometheus-node-exporter.service.d" / "flaskapi.conf"
+    ).read_text()
+    assert not (root / drop_in("prometheus-postgres-exporter")).exists()
+    settings = (root / EXPORTERS / "exporters.env").read_text()
+    assert "EXPORTER_ADDRESS=10.0.0.10\n" in settings
+    # a later run without the flag keeps the address
+    install("--root", str(root), "--no-venv")
+    assert (root / EXPORTERS / "exporters.env").read_text() == settings
+
+    bare = tmp_path / "bare"
+    result = install("--root", str(bare), "--no-venv", "--no-exporters")
+    assert "exporters" not in result.stdout and not (bare / EXPORTERS).exists()
+
+
+def test_database_host_gets_both_exporters_their_queries_and_the_role(tmp_path):
+    root = tmp_path / "root"
+    result = install("--root", str(root), "--role", "db-host", "--exporter-address", "10.0.0.20")
+    assert "prometheus-node-exporter prometheus-postgres-exporter" in result.stdout
+    assert "skipped (--root): psql: the exporter's role" in result.stdout
+    assert not (root / "opt/flaskapi").exists(), "the database host gets no app"
+    for unit in ("prometheus-node-exporter", "prometheus-postgres-exporter"):
+        assert (root / drop_in(unit)).read_text() == (SYSTEMD / f"{unit}.service.d" / "flaskapi.conf").read_text()
+    assert (root / EXPORTERS / "queries.yml").read_text() == (QUERIES / "queries.yml").read_text()
+    settings = (root / EXPORTERS / "exporters.env").read_text()
+    assert "EXPORTER_ADDRESS=10.0.0.20\n" in settings and "DATA_SOURCE_NAME='user=prometheus " in settings
+    assert "password" not in settings.lower()
+
+    with_statements = tmp_path / "statements"
+    install("--root", str(with_statements), "--role", "db-host", "--pg-stat-statements")
+    assert (with_statements / EXPORTERS / "queries.yml").read_text() == (QUERIES / "queries.yml").read_text() + (
+        QUERIES / "statements.yml"
+    ).read_text()
+    # one queries file, both queries in it
+    assert set(yaml.safe_load((with_statements / EXPORTERS / "queries.yml").read_text())) == {
+        "pg_lock_waits",
+        "pg_slow_statements",
+    }
+    refused = run([INSTALL, "--root", str(tmp_path / "x"), "--pg-stat-statements"], check=False, timeout=60)
+    assert refused.returncode != 0 and "--pg-stat-statements is for --role db-host" in refused.stderr

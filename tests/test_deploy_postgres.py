@@ -1,6 +1,7 @@
 """deploy/postgres: create_db.sql on the session's real Postgres (role attributes, SCRAM
 password, who may connect where, idempotence); the pg_hba/postgresql.conf snippets parsed by a
-throwaway Postgres (pg_hba_file_rules, pg_file_settings)."""
+throwaway Postgres (pg_hba_file_rules, pg_file_settings); exporter_role.sql with the real
+Postgres exporter connected as its role."""
 
 from __future__ import annotations
 
@@ -146,3 +147,43 @@ def test_postgres_snippets_parse_in_a_real_postgres():
     finally:
         handle.cleanup()
         shutil.rmtree(pgdata, ignore_errors=True)
+
+
+EXPORTER_ROLE = DEPLOY / "postgres" / "exporter_role.sql"
+
+
+def test_exporter_role_reads_every_session_and_nothing_else(postgres, app_database, tmp_path):
+    """exporter_role.sql twice (idempotent) after create_db.sql: the real Postgres exporter,
+    connected as that role to `postgres`, reaches the server and counts the app role's sessions
+    in the app's database; the role itself may not connect there, nor write."""
+    from bench.harness import exporters
+    from bench.harness.environment import free_port
+    from bench.harness.scrape import metric, scrape
+
+    name, uri = app_database
+    for _ in range(2):
+        assert "role prometheus is ready" in postgres.psql(EXPORTER_ROLE.read_text())
+    [(login, superuser, limit)] = query(
+        postgres, "SELECT rolcanlogin, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = 'prometheus'"
+    )
+    assert login and not superuser and limit == 3
+    assert query(postgres, "SELECT pg_has_role('prometheus', 'pg_monitor', 'MEMBER')") == [(True,)]
+    assert query(postgres, "SELECT has_database_privilege('prometheus', %s, 'CONNECT')", name) == [(False,)]
+    exporter_uri = postgres.get_uri("postgres").replace("postgresql://postgres:", "postgresql://prometheus:", 1)
+    with (
+        psycopg2.connect(exporter_uri) as conn,
+        conn.cursor() as cur,
+        pytest.raises(psycopg2.errors.InsufficientPrivilege),
+    ):
+        cur.execute("CREATE TABLE exporter_was_here (id int)")
+    conn.close()
+
+    app = psycopg2.connect(uri)  # one session of the app's role, idle in its database
+    port = free_port()
+    try:
+        with exporters.postgres_exporter(exporters.libpq_dsn(exporter_uri), port, tmp_path / "exporter.out"):
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        app.close()
+    assert metric(samples, "pg_up") == 1, (tmp_path / "exporter.out").read_text()[-2000:]
+    assert metric(samples, "pg_stat_activity_count", datname=name, state="idle") == 1

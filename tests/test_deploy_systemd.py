@@ -77,7 +77,7 @@ def test_units_verify_without_a_single_warning(tmp_path):
     assert "NoSuchKey" in verify([tmp_path / "flaskapi.service"])
 
 
-# The monitoring host's drop-ins: Debian's unit, its package, and the flags the drop-in must set.
+# The drop-ins for Debian's units: the unit, its package, and the flags the drop-in must set.
 DROP_INS = {
     "prometheus.service": (
         "prometheus",
@@ -90,6 +90,12 @@ DROP_INS = {
             "--web.listen-address=127.0.0.1:9093",
             "--cluster.listen-address=",
         ],
+    ),
+    # Every host's exporter, and the database host's (deploy/install.sh installs them).
+    "prometheus-node-exporter.service": ("prometheus-node-exporter", ["--web.listen-address=${EXPORTER_ADDRESS}:9100"]),
+    "prometheus-postgres-exporter.service": (
+        "prometheus-postgres-exporter",
+        ["--web.listen-address=${EXPORTER_ADDRESS}:9187", "--extend.query-path=/etc/flaskapi-exporters/queries.yml"],
     ),
 }
 

@@ -21,6 +21,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bench import report
+from bench.harness import exporters
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
 from bench.harness.polling import wait_for
@@ -65,7 +66,11 @@ def run(migrated_database, tmp_path_factory):
     db_uri = migrated_database("test_monitoring")
     env = stack_env(db_uri, data_dir, CRASH_ROUTE_ENABLED="1", DB_STATEMENT_TIMEOUT_MS="500", LOG_CONSOLE="0")
     locust_port = free_port()
-    with Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack:
+    with (
+        Gunicorn(env, workers=WORKERS, log_path=data_dir / "gunicorn.out") as stack,
+        # the Hosts and Database server rows: this host's node exporter and the database's
+        exporters.host_and_database(data_dir, db_uri, free_port(), free_port()),
+    ):
         stack.wait_for_workers()  # every worker up before the range the tests read begins
         targets = {"flaskapi": f"127.0.0.1:{stack.metrics_port}", "locust": f"127.0.0.1:{locust_port}"}
         with Prometheus(

@@ -102,9 +102,31 @@ def test_prometheus_config_scrapes_the_app_the_load_generator_and_itself():
     assert config["global"]["evaluation_interval"] == "5s"
     assert config["rule_files"] == ["rules/flaskapi.rules.yml", "rules/slo.rules.yml", "rules/meta.rules.yml"]
     jobs = {
-        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+        job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        for job in config["scrape_configs"]
     }
-    assert jobs == {"flaskapi": ["127.0.0.1:9200"], "locust": ["127.0.0.1:9646"], "prometheus": ["127.0.0.1:9090"]}
+    assert jobs == {
+        "flaskapi": ["127.0.0.1:9200"],
+        "locust": ["127.0.0.1:9646"],
+        "prometheus": ["127.0.0.1:9090"],
+        "node": [],
+        "postgres": [],
+    }
+
+
+def test_prometheus_finds_the_exporters_in_target_files_with_their_host():
+    """The one-host target files next to the config: each target labelled with its host."""
+    found = {
+        job["job_name"]: job["file_sd_configs"]
+        for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
+        if "file_sd_configs" in job
+    }
+    assert found == {"node": [{"files": ["targets/node.yml"]}], "postgres": [{"files": ["targets/postgres.yml"]}]}
+    for job, ((path,),) in ((job, [c["files"] for c in configs]) for job, configs in found.items()):
+        groups = load_yaml(MONITORING / path)
+        assert groups and all(g["targets"] and g["labels"]["host"] for g in groups), job
+    assert [g["targets"] for g in load_yaml(MONITORING / "targets" / "node.yml")] == [["127.0.0.1:9100"]]
+    assert [g["targets"] for g in load_yaml(MONITORING / "targets" / "postgres.yml")] == [["127.0.0.1:9187"]]
 
 
 # --- Grafana provisioning -------------------------------------------------------------------------
@@ -162,9 +184,29 @@ ROWS = {
     ],
     "Workers": ["Worker restarts", "Workers alive", "Per-worker memory", "Per-worker CPU"],
     "Database": ["Database up", "Database connections dropped", "Throttle store errors"],
+    "Hosts": [
+        "CPU by mode",
+        "CPU busy per core",
+        "Load average vs cores",
+        "Memory used vs total",
+        "Disk space used",
+        "Disk throughput",
+        "Network throughput",
+    ],
+    "Database server": [
+        "Database server reached by its exporter",
+        "Connections by state vs limit",
+        "Connections in use",
+        "Transactions/s",
+        "Cache hit ratio",
+        "Sessions waiting for a lock",
+        "Longest lock wait",
+        "Deadlocks",
+    ],
 }
-# Grafana unit ids for what a person reads: seconds, requests/s, a share (0.05 is 5 %), bytes, counts.
-UNITS = {"s", "reqps", "percentunit", "bytes", "short", "none"}
+# Grafana unit ids for what a person reads: seconds, requests/s, a share (0.05 is 5 %), bytes,
+# bytes/s, operations/s, counts.
+UNITS = {"s", "reqps", "percentunit", "bytes", "binBps", "ops", "short", "none"}
 DOCS = ROOT / "docs"
 
 
@@ -267,8 +309,10 @@ def test_units_follow_what_the_queries_compute():
             where = f"{panel.title} [{ref}]"
             if expr.startswith("histogram_quantile(") and "_seconds_bucket" in expr:
                 assert panel.unit == "s", where
-            if "_bytes" in expr:
-                assert panel.unit == "bytes", where
+            if "_bytes" in expr:  # an amount, its rate, or a share of a total
+                rated = "rate(" in expr
+                shared = " / " in expr
+                assert panel.unit == ("binBps" if rated else "percentunit" if shared else "bytes"), where
             if "rate(flask_http" in expr and " / " in expr:
                 assert panel.unit == "percentunit", where
 
@@ -291,6 +335,35 @@ def test_a_selector_without_the_variables_is_caught():
 def test_every_service_query_follows_the_job_and_instance_variables():
     for where, expr in dashboard_exprs():
         assert not grafana_dashboard.unfiltered_selectors(expr), f"{where}: {expr}"
+
+
+def test_an_exporter_selector_without_the_host_variable_is_caught():
+    assert grafana_dashboard.unfiltered_exporter_selectors('node_load1{job="node"}')
+    assert grafana_dashboard.unfiltered_exporter_selectors('pg_up{host=~"$host"}')
+    assert grafana_dashboard.unfiltered_exporter_selectors('pg_up{job="node", host=~"$host"}')
+    assert not grafana_dashboard.unfiltered_exporter_selectors('min by (host) (pg_up{job="postgres", host=~"$host"})')
+
+
+def test_every_exporter_query_follows_the_host_variable():
+    """The host and database panels select their exporter's job and the `host` the file_sd
+    targets carry (the app's `instance` is not theirs)."""
+    found = 0
+    for where, expr in dashboard_exprs():
+        assert not grafana_dashboard.unfiltered_exporter_selectors(expr), f"{where}: {expr}"
+        found += bool(grafana_dashboard.EXPORTER_METRIC.search(expr))
+    assert found >= 15
+
+
+def test_host_variable_lists_the_exporters_hosts():
+    host = grafana_dashboard.variable(dashboard(), "host")
+    assert host["type"] == "query" and host["datasource"] == DATASOURCE
+    assert grafana_dashboard.label_values(grafana_dashboard.variable_query(host)) == (
+        'up{job=~"node|postgres"}',
+        "host",
+    )
+    assert host["multi"] and host["includeAll"] and host["current"]["value"] == ["$__all"]
+    assert host["allValue"] == report.VARIABLES["host"] == ".+"
+    assert host["refresh"] in (1, 2)
 
 
 def test_per_route_panels_group_by_route():
