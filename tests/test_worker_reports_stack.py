@@ -150,6 +150,8 @@ def test_a_worker_stuck_past_the_timeout_leaves_its_stack(migrated_database, tmp
     master aborts it, and before it dies it writes where every thread was, with the request id
     it was serving, as one ERROR line and a Sentry event. The master's own report follows."""
     request_id = f"stuck-{uuid.uuid4().hex[:12]}"
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
     with SentryReceiver() as receiver:
         env = stack_env(
             migrated_database("test_worker_stacks"),
@@ -164,7 +166,10 @@ def test_a_worker_stuck_past_the_timeout_leaves_its_stack(migrated_database, tmp
         with Gunicorn(env, workers=1, log_path=tmp_path / "gunicorn.out") as stuck:
             with pytest.raises(requests.ConnectionError):  # aborted after 2 s, however slow the box
                 requests.get(
-                    stuck.url + "/_test/sleep", params={"seconds": 60}, headers={"X-Request-ID": request_id}, timeout=90
+                    stuck.url + "/_test/sleep",
+                    params={"seconds": 60},
+                    headers={"X-Request-ID": request_id, "traceparent": traceparent},
+                    timeout=90,
                 )
             wait_for(
                 lambda: metric(scrape(stuck.metrics_url), "flaskapi_worker_exits_total", cause="timeout") >= 1,
@@ -176,6 +181,7 @@ def test_a_worker_stuck_past_the_timeout_leaves_its_stack(migrated_database, tmp
 
     [line] = [x for x in log_lines(tmp_path) if x.get("event") == "worker_timeout"]
     assert line["level"] == "ERROR" and line["request_id"] == request_id
+    assert line["trace_id"] == trace_id and line["trace_ids"] == [trace_id]  # the caller's trace
     [serving] = [t for t in line["threads"] if t["request_id"] == request_id]
     functions = [f["function"] for f in serving["frames"]]
     assert functions[-1] == "sleep_for_test", functions  # where it hung, innermost last
@@ -185,6 +191,8 @@ def test_a_worker_stuck_past_the_timeout_leaves_its_stack(migrated_database, tmp
 
     assert event["tags"]["request_id"] == request_id and str(event["tags"]["worker_pid"]) == str(line["pid"])
     assert event["level"] == "error"
+    assert event["contexts"]["trace"]["trace_id"] == trace_id
+    assert event["contexts"]["trace"]["parent_span_id"] == "00f067aa0ba902b7"
     [thread] = [t for t in event["threads"]["values"] if t["crashed"]]
     assert thread["stacktrace"]["frames"][-1]["function"] == "sleep_for_test"
     assert "threads" not in event.get("extra", {})

@@ -30,13 +30,13 @@ def test_the_sleep_route_in_testing_is_bounded_and_undocumented(client):
 
 
 def test_thread_stacks_name_the_request_each_thread_serves(client):
-    """The per-thread record of the request id, read from another thread while the request is
-    in its view, and gone once it is answered."""
+    """The per-thread record of the request id and trace id, read from another thread while the
+    request is in its view, and gone once it is answered."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"X-Request-ID": "held-1", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
     answered = []
     serving = threading.Thread(
-        target=lambda: answered.append(
-            client.get("/_test/sleep?seconds=1.5", headers={"X-Request-ID": "held-1"}).status_code
-        ),
+        target=lambda: answered.append(client.get("/_test/sleep?seconds=1.5", headers=headers).status_code),
         name="serving-held-1",
     )
     serving.start()
@@ -45,10 +45,11 @@ def test_thread_stacks_name_the_request_each_thread_serves(client):
         stacks = {t["thread"]: t for t in worker_timeouts.thread_stacks()}
         held = stacks["serving-held-1"]
         assert held["request_id"] == "held-1" and not held["current"]
+        assert held["trace_id"] == trace_id and held["trace"].parent_id == "00f067aa0ba902b7"
         assert held["frames"][-1]["function"] == "sleep_for_test"
         assert "time.sleep(seconds)" in held["stack"]
         me = stacks[threading.current_thread().name]
-        assert me["current"] and me["request_id"] is None
+        assert me["current"] and me["request_id"] is None and me["trace_id"] is None
         assert me["frames"][-1]["function"] == "thread_stacks"  # not called from an abort handler
     finally:
         serving.join(10)

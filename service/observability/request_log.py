@@ -24,11 +24,11 @@ HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("service.access")
 
-# The request id each thread of this process is serving, by thread ident: read from outside the
-# request by the report of a worker aborted for timeout (worker_timeouts.py), and counted once a
-# second as the requests in flight (metrics.py). A dict store per request and a pop at its
-# teardown (atomic under the GIL: no lock).
-serving: dict[int, str] = {}
+# The request each thread of this process is serving, by thread ident: its id and its trace
+# (trace_context.Trace), read from outside the request by the report of a worker aborted for
+# timeout (worker_timeouts.py), and counted once a second as the requests in flight
+# (metrics.py). A dict store per request and a pop at its teardown (atomic under the GIL: no lock).
+serving: dict[int, tuple[str, trace_context.Trace]] = {}
 
 
 def init_app(app: Flask) -> None:
@@ -49,7 +49,7 @@ def _begin() -> None:
     g.request_id = request_id_from(headers.get(HEADER, ""))
     g.trace = trace_context.from_headers(headers.get(trace_context.TRACEPARENT), headers.get(trace_context.TRACESTATE))
     g.trace_id = g.trace.trace_id
-    serving[threading.get_ident()] = g.request_id
+    serving[threading.get_ident()] = (g.request_id, g.trace)
 
 
 def _done(_exc: BaseException | None = None) -> None:

@@ -151,7 +151,9 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     event.setdefault("tags", {}).setdefault("request_id", g.get("request_id"))
     if sentry_sdk.get_client().get_integration(FlaskIntegration) is not None:
         return event  # tracing mode: the integration describes the request, its span our trace
-    _join_trace(event)
+    trace = g.get("trace")
+    if trace is not None:
+        join_trace(event, trace)
     info = event.setdefault("request", {})
     info.update(
         url=request.base_url,
@@ -166,17 +168,14 @@ def _request_context(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, A
     return event
 
 
-def _join_trace(event: dict[str, Any]) -> None:
+def join_trace(event: dict[str, Any], trace) -> dict[str, Any]:
     """The event's trace is the request's W3C trace (trace_context.py): Sentry's trace id is
     the one on the log lines, the error body and `traceresponse`, so `trace:<id>` in Sentry
     finds the event of a trace id grepped from the logs. sentry-sdk continues only its own
     `sentry-trace` and `baggage` headers, never `traceparent`; without tracing there is no
     scope per request whose propagation context could hold it (the scopes are shared by the
     requests a thread serves), so it is written on the event, when one is captured: nothing
-    per request."""
-    trace = g.get("trace")
-    if trace is None:
-        return
+    per request. (Also the report of a worker aborted for timeout: worker_timeouts.py.)"""
     context = event.setdefault("contexts", {}).setdefault("trace", {})
     context["trace_id"] = trace.trace_id
     context["span_id"] = trace.span_id
@@ -186,6 +185,7 @@ def _join_trace(event: dict[str, Any]) -> None:
         context.pop("parent_span_id", None)
     if trace.tracestate is not None:
         context.setdefault("data", {})["tracestate"] = trace.tracestate
+    return event
 
 
 def _register_request_context() -> None:

@@ -4,7 +4,7 @@ The master sends SIGABRT to a worker silent for GUNICORN_TIMEOUT; in the worker,
 signal handler calls the `worker_abort` server hook (gunicorn_hooks.py). `report` runs there,
 on the main thread, on top of whatever that thread was doing, and ends the process itself. It
 takes the Python stack of every thread at that moment (`sys._current_frames`), with the request
-id each one was serving (request_log.serving), and writes one ERROR line (event
+id and trace id each one was serving (request_log.serving), and writes one ERROR line (event
 `worker_timeout`) that is also a Sentry event carrying the stacks as its threads. Then a short,
 bounded flush (the process is about to die, and the event would die with it) and `os._exit(1)`.
 
@@ -37,8 +37,11 @@ def report(worker) -> None:
     # gives this report a full timeout. The worker exits when the hook returns either way.
     worker.notify()
     threads = thread_stacks()
-    serving = [t["request_id"] for t in threads if t["request_id"]]
-    request_id = serving[0] if len(serving) == 1 else None
+    serving = [t for t in threads if t["request_id"]]
+    # One request in flight (a sync worker, or one stuck thread): the event is that request's,
+    # in its trace, as its own log lines and error events are.
+    only = serving[0] if len(serving) == 1 else None
+    request_id = only["request_id"] if only else None
     # Grouped by where it hung: the innermost frame of the thread serving a request, else of
     # the thread the signal interrupted.
     culprit = next((t for t in threads if t["request_id"]), None) or next((t for t in threads if t["current"]), None)
@@ -46,11 +49,14 @@ def report(worker) -> None:
 
     import sentry_sdk
 
+    from service.observability.sentry import flush, join_trace
+
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("worker_pid", os.getpid())
         scope.set_tag("cause", "timeout")
         if request_id:
             scope.set_tag("request_id", request_id)
+            scope.add_event_processor(lambda event, _hint: join_trace(event, only["trace"]))
         scope.fingerprint = ["gunicorn-worker-timeout", innermost["file"], innermost["function"]]
         scope.add_event_processor(_threads_interface)
         log.error(
@@ -62,14 +68,14 @@ def report(worker) -> None:
                 "event": "worker_timeout",
                 "worker_pid": os.getpid(),
                 "request_id": request_id,
-                "request_ids": serving,
-                "threads": threads,
+                "trace_id": only["trace_id"] if only else None,
+                "request_ids": [t["request_id"] for t in serving],
+                "trace_ids": [t["trace_id"] for t in serving],
+                "threads": [{k: v for k, v in t.items() if k != "trace"} for t in threads],
             },
         )
     for handler in logging.getLogger().handlers:
         handler.flush()
-    from service.observability.sentry import flush
-
     flush(min(FLUSH_SECONDS, worker.cfg.timeout / 2))
     # Exit here rather than return: gunicorn's handler would raise SystemExit into the view, and
     # its sync worker then answers the client its own HTML 500 (not the error shape; nginx
@@ -80,7 +86,8 @@ def report(worker) -> None:
 
 def thread_stacks() -> list[dict[str, Any]]:
     """Every thread of the process, oldest frame first; the calling thread from the frame the
-    signal interrupted (the abort handler's own frames left out)."""
+    signal interrupted (the abort handler's own frames left out); with the request each serves
+    (its id, its trace id, and the trace itself under `trace`, for the Sentry event)."""
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     me = threading.get_ident()
     serving = dict(request_log.serving)
@@ -96,12 +103,15 @@ def thread_stacks() -> list[dict[str, Any]]:
             }
             for f in _oldest_first(_interrupted(top) if ident == me else top)
         ]
+        request_id, trace = serving.get(ident, (None, None))
         stacks.append(
             {
                 "thread": names.get(ident, str(ident)),
                 "thread_id": ident,
                 "current": ident == me,
-                "request_id": serving.get(ident),
+                "request_id": request_id,
+                "trace_id": trace.trace_id if trace else None,
+                "trace": trace,
                 "frames": frames,
                 "stack": "".join(
                     f'  File "{f["file"]}", line {f["line"]}, in {f["function"]}\n    {f["code"]}\n' for f in frames
