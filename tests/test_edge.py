@@ -191,7 +191,8 @@ def exchange(nginx: Nginx, data: bytes, *, source: str = NORMAL, timeout: float 
 
 def nginx_error(status: int, headers, body: bytes, *, expected: int, code: str, request_id: str | None) -> dict:
     """The one JSON error shape, answered by nginx, with the request id in the header and the body:
-    the client's when nginx had read it, else nginx's own (32 hex characters)."""
+    the client's when nginx had read it, else nginx's own (32 hex characters); and the trace id
+    in the body and `traceresponse`, as the app answers."""
     assert status == expected, body
     assert headers["Content-Type"] == "application/json"
     assert b"<html" not in body.lower(), body
@@ -204,6 +205,7 @@ def nginx_error(status: int, headers, body: bytes, *, expected: int, code: str, 
     else:
         assert error["request_id"] == request_id
     assert re.fullmatch(r"[0-9a-f]{32}", error["trace_id"]) and int(error["trace_id"], 16), error
+    assert re.fullmatch(f"00-{error['trace_id']}-[0-9a-f]{{16}}-0[01]", headers["traceresponse"]), headers
     return error
 
 
@@ -843,3 +845,24 @@ def test_the_edge_starts_a_trace_when_the_client_sent_none_and_passes_on_a_valid
     for request_id, trace_id in answers.items():
         assert app_lines[request_id]["trace_id"] == trace_id
         assert edge_lines[request_id]["trace_id"] == trace_id, request_id  # nginx's trace is the app's
+
+
+def test_nginx_own_answers_carry_the_callers_trace_in_traceresponse(edge):
+    """A request nginx refuses itself (a body over the limit) is answered in the caller's trace:
+    its trace id in the body and `traceresponse`, nginx's own span id there, the caller's sampled
+    flag; without a traceparent, the trace nginx started."""
+    parent = "00f067aa0ba902b7"
+    for flags in ("01", "00"):
+        response = requests.post(
+            edge.nginx.url + "/books/",
+            data=b"x" * 70_000,
+            headers={"traceparent": f"00-{CLIENT_TRACE}-{parent}-{flags}"},
+            timeout=10,
+        )
+        assert response.status_code == 413 and response.json()["error"]["trace_id"] == CLIENT_TRACE
+        version, trace_id, span_id, echoed = response.headers["traceresponse"].split("-")
+        assert (version, trace_id, echoed) == ("00", CLIENT_TRACE, flags)
+        assert re.fullmatch("[0-9a-f]{16}", span_id) and span_id != parent  # nginx's span, not the caller's
+    response = requests.post(edge.nginx.url + "/books/", data=b"x" * 70_000, timeout=10)
+    trace_id = response.json()["error"]["trace_id"]
+    assert response.headers["traceresponse"] == f"00-{trace_id}-{response.headers['X-Request-ID'][:16]}-00"
