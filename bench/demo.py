@@ -4,8 +4,9 @@ going to local receivers), ramps headless locust with worker crashes on a schedu
 request three ways (locust, the server's counter, the access log), waits for the notifications
 the crashes should send, judges the run against the demo's SLO and writes a report folder:
 dashboard.html (every dashboard panel from Prometheus, the run's numbers and the notifications
-delivered on top), summary.json, summary.md, locust.html, logs/app.log and Prometheus's data
-(tsdb/, for `python -m bench.report`). Stops everything it started.
+delivered on top), summary.json, summary.md, locust.html, logs/app.log, sentry-events.json (what
+a local Sentry receiver got: the crashes' reports, each in its request's trace) and Prometheus's
+data (tsdb/, for `python -m bench.report`). Stops everything it started.
 
     python -m bench.demo [--users 200] [--ramp 60] [--hold 30] [--crash-at 45[,70]] [--workers 3]
                          [--threads 4] [--p95-slo-ms 500] [--db-uri URI] [--out reports/demo-...]
@@ -38,6 +39,7 @@ from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
 from bench.harness.receivers import SmtpReceiver, WebhookReceiver
 from bench.harness.scrape import metric, scrape
+from bench.harness.sentry_receiver import SentryReceiver
 
 RULES = ROOT / "monitoring" / "rules" / "flaskapi.rules.yml"
 LATENCY_ALERT = "FlaskapiLatencyP95AboveSLO"
@@ -88,6 +90,43 @@ def server_counts(samples) -> collections.Counter:
         if name == "flask_http_request_duration_seconds_count":
             counts[endpoint(labels["method"], labels["route"])] += int(value)
     return counts
+
+
+CRASH_LOGGER = "service.crash"  # service/auth/crash.py: the line (and event) written before the exit
+
+
+def sentry_events(received: list[dict]) -> list[dict]:
+    """The Sentry error events the receiver got, as the report lists them: when, level, logger,
+    message, the event's trace id (its request's trace, for a request's event) and request id."""
+    events = []
+    for event in received:
+        entry = event.get("logentry") or {}
+        exceptions = (event.get("exception") or {}).get("values") or [{}]
+        message = entry.get("formatted") or event.get("message") or entry.get("message") or exceptions[-1].get("type")
+        when = event.get("timestamp")
+        if isinstance(when, str):
+            when = dt.datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+        events.append(
+            {
+                "event_id": event.get("event_id"),
+                "timestamp": when,
+                "level": event.get("level", ""),
+                "logger": event.get("logger", ""),
+                "message": message or "",
+                "trace_id": ((event.get("contexts") or {}).get("trace") or {}).get("trace_id"),
+                "request_id": (event.get("tags") or {}).get("request_id"),
+            }
+        )
+    return sorted(events, key=lambda e: e["timestamp"] or 0)
+
+
+def sentry_summary(events: list[dict], log_file: Path) -> dict:
+    """How many events arrived, and the crashes' among them: each one's trace id must be on the
+    crash's own line in the log (the join the report shows)."""
+    crashes = [e for e in events if e["logger"] == CRASH_LOGGER]
+    lines = report.log_lines_by_trace(log_file, {e["trace_id"] for e in crashes if e["trace_id"]})
+    joined = [e for e in crashes if any(line["event"] == "crash_requested" for line in lines.get(e["trace_id"], []))]
+    return {"events": len(events), "crash_events": len(crashes), "crash_events_in_the_log": len(joined)}
 
 
 def read_log(path: Path, start: float, end: float) -> tuple[collections.Counter, list[dict]]:
@@ -234,6 +273,17 @@ def judge(summary: dict, *, locust_exit: int, prometheus_ran: bool, alertmanager
     slow = [f"{e['endpoint']} {e['p95_ms']:g} ms" for e in books if e["p95_ms"] is None or e["p95_ms"] > slo]
     measured = ", ".join(f"{e['endpoint']} {e['p95_ms']:g} ms" for e in books) or "no books requests"
     checks.append((f"p95 <= {slo:g} ms on every books endpoint", bool(books) and not slow, measured))
+    sentry = summary.get("sentry")
+    if sentry is not None:
+        checks.append(
+            (
+                "every crash reached Sentry in its request's trace",
+                sentry["crash_events"] == crashes == sentry["crash_events_in_the_log"],
+                f"{sentry['crash_events']} crash events for {crashes} crash(es), "
+                f"{sentry['crash_events_in_the_log']} with their trace id on the crash's log line "
+                f"({sentry['events']} Sentry events in all)",
+            )
+        )
     checks.append(
         (
             "the three counts agree",
@@ -365,7 +415,17 @@ def markdown(summary: dict) -> str:
             f"Log shipping: {shipped['central_lines']:,} of the {shipped['local_lines']:,} lines of logs/app.log "
             f"reached the log host as {shipped['host']} (`central/app.log`).",
         ]
-    lines += ["", "Files: `dashboard.html`, `summary.json`, `locust.html`, `locust.out`, `logs/app.log`."]
+    sentry = summary.get("sentry")
+    if sentry:
+        lines += [
+            "",
+            f"Sentry (local receiver): {sentry['events']} events, {sentry['crash_events']} of them the crashes', "
+            f"{sentry['crash_events_in_the_log']} found in the log by their trace id (`sentry-events.json`).",
+        ]
+    lines += [
+        "",
+        "Files: `dashboard.html`, `summary.json`, `locust.html`, `locust.out`, `logs/app.log`, `sentry-events.json`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -435,17 +495,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     duration = args.ramp + args.hold
+    sentry = SentryReceiver()  # Sentry's wire protocol on loopback: the crash reports of the run
     env = stack_env(
         args.db_uri or migrated_demo_database(),
         out,
         CRASH_ROUTE_ENABLED="1",
         LOG_CONSOLE="0",
         GUNICORN_THREADS=str(args.threads),
+        SENTRY_DSN=sentry.dsn,
     )
     locust_port = free_port()
     rate_interval = report.grafana_rate_interval(SCRAPE_INTERVAL, SCRAPE_INTERVAL)
     print(f"report folder: {out}")
     with (
+        sentry,
         Gunicorn(env, workers=args.workers, log_path=out / "gunicorn.out") as stack,
         contextlib.ExitStack() as monitoring,  # stopped first, in the reverse order of their start
     ):
@@ -535,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             delivered = notifications(smtp, hook, mail_receivers)
         stack.stop()  # every log line written and the file closed before it is counted
         access, deaths = read_log(out / "logs" / "app.log", started, ended)
+        events = sentry_events(sentry.errors())
+        (out / report.SENTRY_EVENTS).write_text(json.dumps(events, indent=2) + "\n")
         shipped = shipped_lines(central, log_file) if central is not None else None
         final_path = out / "locust-final.json"
         if not final_path.exists():
@@ -555,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             notifications=delivered,
         )
         summary["shipping"] = shipped
+        summary["sentry"] = sentry_summary(events, log_file)
         summary["checks"] = judge(
             summary,
             locust_exit=result.returncode,

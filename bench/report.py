@@ -24,12 +24,14 @@ people's units (ms, %, req/s, MiB), and a y axis starts at 0 for data that canno
 
 renders a finished demo's report again, from the Prometheus data it kept (REPORT_DIR/tsdb).
 With the run's logs/app.log beside it, the page also lists the exemplars of the latency
-histogram's slowest buckets and the log lines of those requests (`slowest_exemplars`).
+histogram's slowest buckets and the log lines of those requests (`slowest_exemplars`), and with
+its sentry-events.json the run's Sentry events, each with the log lines of its trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import datetime as dt
@@ -56,6 +58,7 @@ RUN_FILES = (
     ("locust.html", "locust's report"),
     ("logs/app.log", "the service's log (JSON lines, UTC)"),
     ("central/app.log", "the same log as the log host received it (rsyslog over RELP, with its host)"),
+    ("sentry-events.json", "the Sentry events of the run (as a local receiver got them)"),
     ("summary.json", "summary.json"),
     ("summary.md", "summary.md"),
     ("locust.out", "locust's output (its final table)"),
@@ -1271,32 +1274,65 @@ def slowest_exemplars(prometheus, log_path: Path, *, start: float, end: float) -
     unique = {e["trace_id"]: e for e in found}.values()  # one request is stored once a scrape
     slowest = sorted({float(e["le"]) for e in unique}, reverse=True)[:SLOWEST_BUCKETS]
     shown = sorted((e for e in unique if float(e["le"]) in slowest), key=lambda e: -e["seconds"])[:EXEMPLARS_SHOWN]
-    wanted = {e["trace_id"]: [] for e in shown}
-    if log_path.exists():
-        with log_path.open(encoding="utf-8") as log:
-            for line in log:
-                if '"trace_id"' not in line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                lines = wanted.get(record.get("trace_id"))
-                if lines is not None and len(lines) < LOG_LINES_SHOWN:
-                    lines.append(
-                        {
-                            "timestamp": record.get("timestamp", ""),
-                            "level": record.get("level", ""),
-                            "event": record.get("event", ""),
-                            "message": record.get("message", ""),
-                            "duration_ms": record.get("duration_ms"),
-                        }
-                    )
-    return [{**e, "log_lines": wanted[e["trace_id"]]} for e in shown]
+    lines = log_lines_by_trace(log_path, {e["trace_id"] for e in shown})
+    return [{**e, "log_lines": lines[e["trace_id"]]} for e in shown]
 
 
-def exemplar_section(exemplars: list[dict]) -> str:
-    """The page's list of the slowest buckets' exemplars and their requests' log lines."""
+def log_lines_by_trace(log_path: Path, trace_ids: set[str]) -> dict[str, list[dict]]:
+    """{trace id: its first lines of logs/app.log}, for each of `trace_ids`: what a reader who
+    grepped the trace id would see."""
+    wanted: dict[str, list[dict]] = {trace_id: [] for trace_id in trace_ids}
+    if not wanted or not log_path.exists():
+        return wanted
+    with log_path.open(encoding="utf-8") as log:
+        for line in log:
+            if '"trace_id"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            lines = wanted.get(record.get("trace_id"))
+            if lines is not None and len(lines) < LOG_LINES_SHOWN:
+                lines.append(
+                    {
+                        "timestamp": record.get("timestamp", ""),
+                        "level": record.get("level", ""),
+                        "event": record.get("event", ""),
+                        "message": record.get("message", ""),
+                        "duration_ms": record.get("duration_ms"),
+                    }
+                )
+    return wanted
+
+
+SENTRY_EVENTS = "sentry-events.json"  # what bench.demo's local Sentry receiver got, one entry per event
+
+
+def sentry_events(out_dir: Path) -> list[dict]:
+    """The run's Sentry events (bench.demo writes them), each with the log lines of its trace: the
+    other end of the path from an exemplar or a log line to the crash report."""
+    path = out_dir / SENTRY_EVENTS
+    if not path.exists():
+        return []
+    events = json.loads(path.read_text())
+    lines = log_lines_by_trace(out_dir / "logs" / "app.log", {e["trace_id"] for e in events if e.get("trace_id")})
+    return [{**e, "log_lines": lines.get(e.get("trace_id"), [])} for e in events]
+
+
+def _log_lines_table(lines: list[dict], what: str) -> str:
+    rows = [[r["timestamp"], r["level"], r["event"], r["message"]] for r in lines]
+    return (
+        _table(["timestamp", "level", "event", "message"], rows, 4)
+        if rows
+        else f"<p class=muted>no line of logs/app.log has {what}</p>"
+    )
+
+
+def exemplar_section(exemplars: list[dict], events: list[dict] = ()) -> str:
+    """The page's list of the slowest buckets' exemplars and their requests' log lines, and how
+    many of the run's Sentry events are in each one's trace."""
+    in_trace = collections.Counter(e.get("trace_id") for e in events)
     parts = [
         "<section><h2>Slowest requests, by their exemplars (Prometheus query_exemplars, logs/app.log)</h2>",
         "<p class=muted>Each exemplar is the last request a worker counted in a latency bucket; its trace id "
@@ -1315,19 +1351,49 @@ def exemplar_section(exemplars: list[dict]) -> str:
             e["trace_id"],
             e["request_id"],
             str(len(e["log_lines"])),
+            str(in_trace[e["trace_id"]]),
         ]
         for e in exemplars
     ]
-    head = ["bucket", "request", "took", "at (UTC)", "trace id", "request id", "log lines"]
+    head = ["bucket", "request", "took", "at (UTC)", "trace id", "request id", "log lines", "Sentry events"]
     parts.append(_table(head, rows, len(head)))
     for e in exemplars:
         parts.append(f"<h3><code>{_e(e['trace_id'])}</code>: {number(e['seconds'] * 1000)} ms</h3>")
-        lines = [[r["timestamp"], r["level"], r["event"], r["message"]] for r in e["log_lines"]]
-        parts.append(
-            _table(["timestamp", "level", "event", "message"], lines, 4)
-            if lines
-            else "<p class=muted>no line of logs/app.log has this trace id</p>"
-        )
+        parts.append(_log_lines_table(e["log_lines"], "this trace id"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def sentry_section(events: list[dict]) -> str:
+    """The run's Sentry events, each with its trace id and the log lines of that trace: a crash
+    report joined to the requests it came from, as `trace:<id>` joins them in Sentry."""
+    parts = [
+        f"<section><h2>Sentry events of the run ({len(events)}, as a local receiver got them: {SENTRY_EVENTS})</h2>",
+        "<p class=muted>Each event is in its request's trace (Sentry's <code>trace:&lt;id&gt;</code>); "
+        "the same id finds its lines in the log. The master's reports of a worker's death belong to no "
+        "request: their trace is the SDK's own, on no log line.</p>",
+    ]
+    if not events:
+        parts.append("<p class=muted>none</p></section>")
+        return "".join(parts)
+    head = ["at (UTC)", "level", "logger", "message", "trace id", "request id", "log lines"]
+    rows = [
+        [
+            utc(e["timestamp"]) if e.get("timestamp") else "",
+            e.get("level", ""),
+            e.get("logger", ""),
+            e.get("message", ""),
+            e.get("trace_id") or "",
+            e.get("request_id") or "",
+            str(len(e["log_lines"])),
+        ]
+        for e in events
+    ]
+    parts.append(_table(head, rows, len(head)))
+    for e in events:
+        if e.get("request_id"):
+            parts.append(f"<h3><code>{_e(e['trace_id'])}</code>: {_e(e.get('message', ''))}</h3>")
+            parts.append(_log_lines_table(e["log_lines"], "this trace id"))
     parts.append("</section>")
     return "".join(parts)
 
@@ -1356,6 +1422,7 @@ def page(
     files: list,
     notes: list,
     exemplars: list[dict] | None = None,
+    events: list[dict] | None = None,
 ) -> str:
     title = interpolate(dashboard.get("title", "dashboard"), values)
     parts = [
@@ -1373,7 +1440,9 @@ def page(
     if summary is not None:
         parts.append(headline(summary))
     if exemplars is not None:
-        parts.append(exemplar_section(exemplars))
+        parts.append(exemplar_section(exemplars, events or ()))
+    if events is not None:
+        parts.append(sentry_section(events))
     if notes:
         parts.append("<h2>Annotations (the dashboard's annotation queries)</h2><ul>")
         parts += notes
@@ -1503,8 +1572,20 @@ def render(
     if prometheus is not None and log_path.exists():  # a demo's run: its exemplars and its log
         exemplars = slowest_exemplars(prometheus, log_path, start=start, end=end)
         drawn["exemplars"] = exemplars
+    events = sentry_events(out_dir) if (out_dir / SENTRY_EVENTS).exists() else None
+    if events is not None:
+        drawn["sentry_events"] = events
     text = page(
-        dashboard, values, cards, start=start, end=end, summary=summary, files=files, notes=notes, exemplars=exemplars
+        dashboard,
+        values,
+        cards,
+        start=start,
+        end=end,
+        summary=summary,
+        files=files,
+        notes=notes,
+        exemplars=exemplars,
+        events=events,
     )
     if prometheus is None:
         text = text.replace("<main>", "<main><p class=fail>Prometheus was not installed: no panels.</p>", 1)

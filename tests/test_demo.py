@@ -196,6 +196,24 @@ def test_the_page_lists_the_slowest_buckets_exemplars_with_their_log_lines(passi
         assert access["duration_ms"] == pytest.approx(exemplar["seconds"] * 1000)
 
 
+def test_the_crash_reaches_sentry_in_its_requests_trace_and_the_page_joins_it_to_its_log_lines(passing):
+    """The other end of the path: the crash's Sentry event (a local receiver, Sentry's protocol)
+    carries the trace id of the crash request's own log line, and the page lists both."""
+    _, _, summary, out = passing
+    assert summary["sentry"]["crash_events"] == len(summary["run"]["crash_schedule_s"]) == 1
+    events = json.loads((out / "sentry-events.json").read_text())
+    [crash] = [e for e in events if e["logger"] == "service.crash"]
+    assert re.fullmatch("[0-9a-f]{32}", crash["trace_id"]) and crash["request_id"]
+    logged = [json.loads(line) for line in (out / "logs" / "app.log").read_text().splitlines()]
+    [line] = [x for x in logged if x.get("event") == "crash_requested"]
+    assert (line["trace_id"], line["request_id"]) == (crash["trace_id"], crash["request_id"])
+    drawn = json.loads((out / "report.json").read_text())
+    [shown] = [e for e in drawn["sentry_events"] if e["event_id"] == crash["event_id"]]
+    assert [x["event"] for x in shown["log_lines"]] == ["crash_requested"]
+    page = (out / report.PAGE).read_text()
+    assert "Sentry events of the run" in page and crash["trace_id"] in page
+
+
 def test_the_observed_death_is_annotated_from_the_dashboard_query(passing):
     _, _, summary, out = passing
     drawn = json.loads((out / "report.json").read_text())
