@@ -4,16 +4,21 @@ runner, its crash-recovery probe and its verdicts. Speed is not asserted."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import create_engine, text
 
-from bench import run
-from bench.harness.environment import ROOT, locust_env, stack_env
+from bench import demo, run
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
+from bench.harness.polling import wait_for
+from bench.harness.process import ManagedProcess
+from bench.harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.stack
 
@@ -195,3 +200,37 @@ def test_make_locust_runs_the_projects_locustfile_against_the_service(bench_stac
         rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(handle)}
     assert int(rows[("POST", "/auth/login")]["Request Count"]) == 3
     assert int(rows[("", "Aggregated")]["Failure Count"]) == 0
+
+
+def test_distributed_locust_counts_every_workers_requests_on_the_master(bench_stack, tmp_path):
+    """`--processes 2`: the master alone serves :9646 (a worker binding it too would fail to
+    start), its metrics count the requests of both workers, and its final statistics (CSV and
+    summary) hold every request the server answered: the last reports are not lost at the end."""
+    _, stack = bench_stack
+    before = sum(demo.server_counts(scrape(stack.metrics_url)).values())
+    metrics_port = free_port()
+    argv = locust_command(stack.url, users=4, rate=4, seconds=8, processes=2, extra=("--csv", str(tmp_path / "run")))
+    env = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{metrics_port}", LOCUST_SUMMARY_JSON=str(tmp_path / "final.json"))
+    seen: dict[str, float] = {}
+
+    def both_workers_sent_requests() -> bool:
+        try:
+            samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        except requests.RequestException:
+            return False
+        per_worker = {labels["worker"]: v for n, labels, v in samples if n == "locust_worker_requests_total"}
+        seen.update(workers=metric(samples, "locust_workers"), users=metric(samples, "locust_users"))
+        return len(per_worker) == 2 and all(v > 0 for v in per_worker.values())
+
+    with ManagedProcess(argv, env=env, log_path=tmp_path / "locust.out", name="locust --processes 2") as generator:
+        wait_for(both_workers_sent_requests, "requests from both workers in the master's metrics", timeout=60)
+        assert seen == {"workers": 2, "users": 4}
+        wait_for(lambda: generator.poll() is not None, "locust to finish", timeout=90)
+    assert generator.poll() == 0, generator.output()[-3000:]
+    answered = sum(demo.server_counts(scrape(stack.metrics_url)).values()) - before
+    with open(tmp_path / "run_stats.csv", newline="") as handle:
+        total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert int(total["Request Count"]) == final["total"]["requests"] == answered
+    assert int(total["Failure Count"]) == 0
+    assert sum(final["total"]["answers"].values()) == answered  # the workers' answers, gathered
