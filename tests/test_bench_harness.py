@@ -60,6 +60,7 @@ def test_wrk_runner_reports_what_the_server_stored(bench_stack, tmp_path):
     # How many requests fit in the second is the machine's speed: only that some were answered.
     assert listed["requests"] > 0 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
     assert listed["rps"] == round(listed["requests"] / listed["seconds"], 1)
+    assert 0 < listed["p50_ms"] <= listed["p95_ms"] <= listed["p99_ms"]  # p95 from bench/wrk_books.lua
     assert created["requests"] > 0 and created["failures"] == 0
     engine = create_engine(uri)
     with engine.connect() as conn:
@@ -87,6 +88,28 @@ Requests/sec:    500.00
         "p50_ms": 0.81,
         "p99_ms": 1200.0,
     }
+
+
+def test_edge_scenario_loads_one_gunicorn_through_nginx_and_straight_in_rounds(bench_stack, tmp_path):
+    """The edge's cost at tiny scale: both paths answer every list and create in each round,
+    and the table gives throughput and p95 ratios with their spread over the rounds."""
+    uri, _ = bench_stack
+    figures = run.edge_cost(uri, tmp_path, seconds=2)
+    for path in ("nginx", "straight"):
+        for key in ("list", "create"):
+            assert figures[path][f"{key}_requests"] > 0 and figures[path][f"{key}_failures"] == 0
+            assert len(figures[path][f"{key}_round_p95_ms"]) == 2 and all(
+                ms > 0 for ms in figures[path][f"{key}_round_p95_ms"]
+            )
+    # nginx's access log holds the requests that went through it, and only those
+    access = (tmp_path / "edge-nginx" / "logs" / "flaskapi.access.log").read_text().splitlines()
+    books = figures["nginx"]["list_requests"] + figures["nginx"]["create_requests"]
+    # wrk's 4 runs through nginx (2 rounds, list and create) each leave up to a connection's
+    # request in flight at its end; and the registration and login
+    assert books <= len(access) <= books + 4 * run.CONNECTIONS + 2
+    rows = {figure: value for figure, value, _ in run.table({"edge": figures})}
+    assert "(n=2)" in rows["7 list: through nginx / straight, throughput (median of rounds)"]
+    assert "(n=2)" in rows["7 create: through nginx / straight, p95 (median of rounds)"]
 
 
 def test_crash_recovery_probe_measures_a_real_restart(migrated_database, tmp_path):
