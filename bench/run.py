@@ -689,8 +689,8 @@ def _edge_rows(edge: dict) -> list[tuple[str, str, str]]:
         rows.append(
             (
                 f"7 {key}: through nginx / straight, p95 (median of rounds)",
-                f"{statistics.median(via[f'{key}_round_p95_ms'])} / "
-                f"{statistics.median(straight[f'{key}_round_p95_ms'])} ms: {p95_ratio:.2f}, "
+                f"{statistics.median(via[f'{key}_round_p95_ms']):.1f} / "
+                f"{statistics.median(straight[f'{key}_round_p95_ms']):.1f} ms: {p95_ratio:.2f}, "
                 f"{spread(via, straight, key, 'p95_ms')}",
                 "reported",
             )
