@@ -15,6 +15,11 @@ writes locust's final statistics there once it has stopped (every user done or c
 stop timeout): per request name its count, failures, the answers by status (0: none, the
 connection broke) and percentiles, the numbers of locust's final table (its CSV is written
 every few seconds and may miss the last ones).
+
+With `--processes N` (locust's master and N worker processes: one process tops out near a core)
+the master alone serves the metrics and writes the final statistics; the workers' requests reach
+it in their reports (`gather_on_master`), and at the run's end it stops the workers and waits for
+their last reports before it quits (`drain_workers`): locust itself gives them half a second.
 """
 
 import collections
@@ -30,7 +35,8 @@ import uuid
 import gevent
 from faker import Faker
 from locust import HttpUser, between, events, task
-from locust.runners import WorkerRunner
+from locust.rpc import Message
+from locust.runners import MasterRunner, WorkerRunner
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -105,6 +111,14 @@ class LocustCollector:
         runner = self.environment.runner
         stats = runner.stats if runner else None
         yield GaugeMetricFamily("locust_users", "Simulated users running", value=runner.user_count if runner else 0)
+        if isinstance(runner, MasterRunner):
+            yield GaugeMetricFamily("locust_workers", "Worker processes connected", value=runner.worker_count)
+            per_worker = CounterMetricFamily(
+                "locust_worker_requests", "Requests sent, by the worker process that sent them", labels=["worker"]
+            )
+            for worker, count in sorted(WORKER_REQUESTS.items()):
+                per_worker.add_metric([str(worker)], count)
+            yield per_worker
         requests = CounterMetricFamily("locust_requests", "Requests sent", labels=["method", "name"])
         failures = CounterMetricFamily("locust_failures", "Requests that failed", labels=["method", "name"])
         percentiles = GaugeMetricFamily(
@@ -156,15 +170,78 @@ def schedule_crashes(environment, **kwargs):
     gevent.spawn(crash_later)
 
 
+def gather_on_master(key: str, take, merge) -> None:
+    """With --processes the requests run in the workers: every report a worker sends the master
+    (every 3 s, and a last one when it stops) carries what `take()` hands over since the last,
+    and the master `merge`s it, so the master's end-of-run files count every worker's requests."""
+
+    def send(data, **kwargs):  # fired in a worker only
+        data[key] = take()
+
+    def receive(data, **kwargs):  # fired in the master only
+        if key in data:
+            merge(data[key])
+
+    events.report_to_master.add_listener(send)
+    events.worker_report.add_listener(receive)
+
+
+WORKER_REQUESTS: collections.Counter = collections.Counter()  # on the master: worker index -> requests
+_environments = []  # this process's locust environment, once it is made (the report events carry none)
+
+
+@events.init.add_listener
+def remember_environment(environment, **kwargs):
+    _environments.append(environment)
+
+
+@events.worker_report.add_listener
+def count_worker_requests(client_id, data, **kwargs):
+    """Each report's requests (a worker reports those since its last), by the worker's index."""
+    runner = _environments[-1].runner if _environments else None
+    if isinstance(runner, MasterRunner) and "stats_total" in data:
+        WORKER_REQUESTS[runner.get_worker_index(client_id)] += data["stats_total"]["num_requests"]
+
+
+@events.test_stopping.add_listener
+def drain_workers(environment, **kwargs):
+    """On the master when the run ends, before its own `quit`: ask every worker to quit and wait
+    (up to the stop timeout and a minute) until each has said it did. A worker stops its users,
+    sends its last report, then says so, in that order on one connection: once none is left,
+    every request is in the master's statistics. Locust's own quit waits half a second."""
+    runner = environment.runner
+    if not isinstance(runner, MasterRunner) or not runner.clients.all:
+        return
+    for client in runner.clients.all:
+        runner.server.send_to_client(Message("quit", None, client.id))
+    deadline = time.monotonic() + (environment.stop_timeout or 0) + 60
+    while runner.clients.all and time.monotonic() < deadline:
+        gevent.sleep(0.2)
+
+
 # Answers by status per (method, name), 0 for a request that got none (a reset or refused
 # connection): locust's statistics count those as failures without saying which they were.
-# Counted where the requests run, so without --processes (the demo and the tests).
+# Counted where the requests run and gathered on the master with --processes.
 ANSWERS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
 
 
 @events.request.add_listener
 def count_answers(request_type, name, response=None, **kwargs):
     ANSWERS[(request_type, name)][getattr(response, "status_code", 0) or 0] += 1
+
+
+def _take_answers() -> list[list]:
+    taken = [[method, name, status, n] for (method, name), counts in ANSWERS.items() for status, n in counts.items()]
+    ANSWERS.clear()
+    return taken
+
+
+def _merge_answers(answers: list[list]) -> None:
+    for method, name, status, n in answers:
+        ANSWERS[(method, name)][status] += n
+
+
+gather_on_master("answers", _take_answers, _merge_answers)
 
 
 def final_entry(entry, answers: collections.Counter) -> dict:

@@ -436,6 +436,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hold", type=float, default=30, help="seconds at full load")
     parser.add_argument("--crash-at", default="45", help="seconds after start, comma-separated; 0 = no crash")
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--locust-processes",
+        type=int,
+        default=1,
+        help="locust worker processes under one master (default 1: no master)",
+    )
     parser.add_argument("--threads", type=int, default=4, help="GUNICORN_THREADS")
     parser.add_argument("--p95-slo-ms", type=float, default=None, help=f"default: {LATENCY_ALERT}'s threshold")
     parser.add_argument("--db-uri", default=None, help="a migrated database (default: flaskapi_demo, embedded)")
@@ -556,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             LOCUST_CRASH_AT=",".join(f"{s:g}" for s in args.crashes),
         )
         print(
-            f"locust: {args.users} users over {args.ramp:g} s, then {args.hold:g} s steady; crashes at "
+            f"locust ({args.locust_processes} process{'es' if args.locust_processes > 1 else ''}): "
+            f"{args.users} users over {args.ramp:g} s, then {args.hold:g} s steady; crashes at "
             + (", ".join(f"+{s:g} s" for s in args.crashes) or "none")
         )
         started = time.time()
@@ -566,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             rate=f"{args.users / args.ramp:.3f}",
             seconds=duration,
             stop_timeout=STOP_TIMEOUT,
+            processes=args.locust_processes,
             extra=("--html", str(out / "locust.html")),
         )
         result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)

@@ -3,7 +3,9 @@ taken side by side in one run (the box is noisy; compare ratios, not absolute fi
 
 Scenarios: 1 the lesson's users at scale, 2 saturation against `flask run` and a bare reference
 app, 3 observability on/off, 4 list latency as the table grows, 5 crash to serving again, 6 the
-lesson's users spawned in a burst, with the hashing bulkhead off and on.
+lesson's users spawned in a burst, with the hashing bulkhead off and on, 7 the edge's cost:
+the same requests through nginx and straight at gunicorn. `--locust-processes N` drives the
+locust scenarios from N locust worker processes under one master.
 Prints one table and writes results.json / results.csv / ramp.png to bench/results/<time>/.
 """
 
@@ -30,13 +32,15 @@ import requests
 
 from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import GUNICORN, Gunicorn
+from bench.harness.nginx import Nginx
 from bench.harness.process import ManagedProcess
 from bench.harness.scrape import metric, scrape
 from bench.harness.sentry_receiver import SentryReceiver
 
 LOCUSTFILE = ROOT / "bench" / "locustfile_bench.py"
 SHIPPED = None  # the worker count deploy/gunicorn.conf.py chooses (WEB_CONCURRENCY or cores + 1)
-SCENARIOS = ["lesson", "spawn", "saturation", "observability", "crash", "growth"]
+SCENARIOS = ["lesson", "spawn", "saturation", "observability", "edge", "crash", "growth"]
+LOCUST_PROCESSES = 1  # --locust-processes: locust's workers under one master (1: a single process)
 PYTHON = sys.executable
 
 
@@ -117,7 +121,8 @@ def reference(uri: str, workdir: Path) -> Server:
 # --- load ---------------------------------------------------------------------------------
 def watch_generator(generator: ManagedProcess, *, limit: float) -> tuple[float, float]:
     """Start a load generator and wait for it to finish, reading its CPU time as it goes (the
-    last reading before it exits); stop it and fail after `limit` seconds. Returns (CPU s, wall s)."""
+    last reading before it exits; a locust master's workers included, live or reaped); stop it
+    and fail after `limit` seconds. Returns (CPU s, wall s)."""
     generator.start()
     try:
         watched = psutil.Process(generator.pid)
@@ -126,7 +131,8 @@ def watch_generator(generator: ManagedProcess, *, limit: float) -> tuple[float, 
         while generator.poll() is None:
             try:
                 times = watched.cpu_times()
-                cpu = times.user + times.system
+                live = sum(sum(child.cpu_times()[:2]) for child in watched.children(recursive=True))
+                cpu = max(cpu, times.user + times.system + times.children_user + times.children_system + live)
             except psutil.Error:
                 pass
             if time.monotonic() - started > limit:
@@ -147,6 +153,7 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
         seconds=seconds,
         locustfile=LOCUSTFILE,
         user_classes=(user,),
+        processes=LOCUST_PROCESSES,
         extra=("--csv", str(workdir / tag), "--loglevel", "WARNING"),
     )
     env = locust_env(BENCH_RECORDS=str(records), LOCUST_METRICS_BIND="off")
@@ -164,7 +171,7 @@ def locust(host: str, user: str, *, users: int, rate: float, seconds: float, wor
 
 
 WRK = "wrk"
-WRK_CREATE = ROOT / "bench" / "wrk_create.lua"
+WRK_SCRIPT = ROOT / "bench" / "wrk_books.lua"
 CONNECTIONS = 16
 
 
@@ -175,9 +182,7 @@ def wrk(
     return its figures, its CPU seconds and its share of a core. wrk is a C client with one
     thread: at 2,500 req/s it needs about a tenth of the CPU locust's FastHttpUser does, and on
     a 2-core box every cycle the generator takes is a cycle the server under test loses."""
-    argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
-    if token is not None:
-        argv += ["-s", str(WRK_CREATE)]
+    argv = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(WRK_SCRIPT)]
     log = workdir / f"{tag}-wrk.txt"
     log.unlink(missing_ok=True)  # the log is appended to: a rerun into the same folder starts afresh
     generator = ManagedProcess(
@@ -191,7 +196,8 @@ def wrk(
 
 
 def parse_wrk(output: str) -> dict:
-    """requests, failures (non-2xx/3xx answers and socket errors), rps and p50/p99 from wrk's text."""
+    """requests, failures (non-2xx/3xx answers and socket errors), rps and p50/p99 from wrk's text
+    (and p95, which bench/wrk_books.lua prints)."""
     done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", output)
     if done is None:
         raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
@@ -206,6 +212,9 @@ def parse_wrk(output: str) -> dict:
         for q, m in ((q, re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)", output, re.M)) for q in ("50", "99"))
         if m
     }
+    p95 = re.search(r"^p95 latency: (\d+) us$", output, re.M)
+    if p95:
+        latency["95"] = round(int(p95.group(1)) / 1000, 2)
     return {
         "requests": requests_done,
         "failures": failures,
@@ -363,6 +372,7 @@ def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag:
     for key in ("list", "create"):
         totals = {name: {"requests": 0, "failures": 0, "seconds": 0.0, "cpu_s": 0.0} for name in servers}
         per_round: dict[str, list[float]] = {name: [] for name in servers}
+        p95_per_round: dict[str, list[float]] = {name: [] for name in servers}
         order = list(servers)
         for round_no in range(rounds):
             for name in order:
@@ -376,12 +386,14 @@ def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag:
                 for field in totals[name]:
                     totals[name][field] += run[field]
                 per_round[name].append(run["rps"])
+                p95_per_round[name].append(run.get("p95_ms", float("nan")))
             order = order[1:] + order[:1]
         for name, total in totals.items():
             figures[name].update(
                 {
                     f"{key}_rps": round(total["requests"] / total["seconds"], 1),
                     f"{key}_round_rps": per_round[name],
+                    f"{key}_round_p95_ms": p95_per_round[name],
                     f"{key}_requests": total["requests"],
                     f"{key}_failures": total["failures"],
                     f"{key}_generator_cpu_pct": round(100 * total["cpu_s"] / total["seconds"], 1),
@@ -390,20 +402,21 @@ def side_by_side(servers: dict[str, object], workdir: Path, seconds: float, tag:
     return figures
 
 
-def round_ratios(a: dict, b: dict, key: str) -> list[float]:
-    """a's throughput over b's, round by round (the two measured in the same round)."""
-    return [x / y for x, y in zip(a[f"{key}_round_rps"], b[f"{key}_round_rps"], strict=False)]
+def round_ratios(a: dict, b: dict, key: str, figure: str = "rps") -> list[float]:
+    """a's throughput (or another per-round `figure`: "p95_ms") over b's, round by round (the
+    two measured in the same round)."""
+    return [x / y for x, y in zip(a[f"{key}_round_{figure}"], b[f"{key}_round_{figure}"], strict=False)]
 
 
-def paired_ratio(a: dict, b: dict, key: str) -> float:
+def paired_ratio(a: dict, b: dict, key: str, figure: str = "rps") -> float:
     """The median over rounds of a's throughput over b's in the same round: a disturbance on
     the shared box (a few seconds of someone else's CPU) spoils one round, not the figure."""
-    return statistics.median(round_ratios(a, b, key))
+    return statistics.median(round_ratios(a, b, key, figure))
 
 
-def spread(a: dict, b: dict, key: str) -> str:
+def spread(a: dict, b: dict, key: str, figure: str = "rps") -> str:
     """The rounds' lowest and highest ratio, so a reader can tell a change from the noise."""
-    ratios = round_ratios(a, b, key)
+    ratios = round_ratios(a, b, key, figure)
     return f"rounds {min(ratios):.2f}-{max(ratios):.2f} (n={len(ratios)})"
 
 
@@ -430,6 +443,18 @@ def observability_overhead(uri: str, workdir: Path, seconds: float) -> dict:
             figures = side_by_side({"on": stack_on, "off": stack_off}, workdir, seconds, "obs")
         figures["sentry_events_received"] = len(receiver.events)
     return figures
+
+
+def edge_cost(uri: str, workdir: Path, seconds: float) -> dict:
+    """The same list and create requests straight at gunicorn (shipped config) and through nginx
+    in front of that same gunicorn (the project's site rendered for loopback, as `make run-edge`
+    serves it: access log, request id, keep-alive upstream), in interleaved rounds."""
+    env = stack_env(uri, workdir, LOG_CONSOLE="0", TRUSTED_PROXIES="1")  # one proxy hop, as deployed
+    with (
+        Gunicorn(env, workers=SHIPPED, log_path=workdir / "edge.out") as stack,
+        Nginx(workdir / "edge-nginx", upstream=f"127.0.0.1:{stack.port}") as edge,
+    ):
+        return side_by_side({"nginx": edge, "straight": stack}, workdir, seconds, "edge")
 
 
 def growth(uri: str, workdir: Path, samples: int) -> dict:
@@ -648,6 +673,31 @@ def _observability_rows(obs: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _edge_rows(edge: dict) -> list[tuple[str, str, str]]:
+    """nginx's cost as ratios to straight: throughput (below 1 is the cost) and p95 (above 1)."""
+    rows = []
+    via, straight = edge["nginx"], edge["straight"]
+    for key in ("list", "create"):
+        rps_ratio, p95_ratio = paired_ratio(via, straight, key), paired_ratio(via, straight, key, "p95_ms")
+        rows.append(
+            (
+                f"7 {key}: through nginx / straight, throughput (median of rounds)",
+                f"{via[f'{key}_rps']} / {straight[f'{key}_rps']} req/s: {rps_ratio:.2f}, {spread(via, straight, key)}",
+                _failures(edge[n].get(f"{key}_failures") for n in ("nginx", "straight")),
+            )
+        )
+        rows.append(
+            (
+                f"7 {key}: through nginx / straight, p95 (median of rounds)",
+                f"{statistics.median(via[f'{key}_round_p95_ms']):.1f} / "
+                f"{statistics.median(straight[f'{key}_round_p95_ms']):.1f} ms: {p95_ratio:.2f}, "
+                f"{spread(via, straight, key, 'p95_ms')}",
+                "reported",
+            )
+        )
+    return rows
+
+
 def _growth_rows(grow: dict) -> list[tuple[str, str, str]]:
     rows = []
     for page in ("first_page", "middle_page"):
@@ -679,6 +729,7 @@ ROWS = {
     "spawn": _spawn_rows,
     "saturation": _saturation_rows,
     "observability": _observability_rows,
+    "edge": _edge_rows,
     "growth": _growth_rows,
     "crash": _crash_rows,
 }
@@ -691,7 +742,15 @@ def main() -> int:
     parser.add_argument(
         "--only", nargs="+", choices=SCENARIOS, default=SCENARIOS, help="run these scenarios only (default: all)"
     )
+    parser.add_argument(
+        "--locust-processes",
+        type=int,
+        default=1,
+        help="locust worker processes under one master for the locust scenarios (default 1: no master)",
+    )
     args = parser.parse_args()
+    global LOCUST_PROCESSES
+    LOCUST_PROCESSES = args.locust_processes
     # A TERM (a timeout, a Ctrl-C in another terminal) unwinds like an exception, so every
     # `with` of a scenario stops its gunicorn, locust and wrk instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -717,6 +776,7 @@ def main() -> int:
         "spawn": lambda: spawn_burst(uri, workdir, quick),
         "saturation": lambda: saturation(uri, workdir, seconds),
         "observability": lambda: observability_overhead(uri, workdir, seconds),
+        "edge": lambda: edge_cost(uri, workdir, seconds),
         "crash": lambda: crash_recovery(uri, workdir, 5),
         "growth": lambda: growth(fresh_database("flaskapi_bench_growth"), workdir, 100 if quick else 300),
     }

@@ -4,16 +4,21 @@ runner, its crash-recovery probe and its verdicts. Speed is not asserted."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import create_engine, text
 
-from bench import run
-from bench.harness.environment import ROOT, locust_env, stack_env
+from bench import demo, run
+from bench.harness.environment import ROOT, free_port, locust_command, locust_env, stack_env
 from bench.harness.gunicorn import Gunicorn
+from bench.harness.polling import wait_for
+from bench.harness.process import ManagedProcess
+from bench.harness.scrape import metric, scrape
 
 pytestmark = pytest.mark.stack
 
@@ -55,6 +60,7 @@ def test_wrk_runner_reports_what_the_server_stored(bench_stack, tmp_path):
     # How many requests fit in the second is the machine's speed: only that some were answered.
     assert listed["requests"] > 0 and listed["failures"] == 0 and 0 < listed["generator_cpu_pct"] <= 100
     assert listed["rps"] == round(listed["requests"] / listed["seconds"], 1)
+    assert 0 < listed["p50_ms"] <= listed["p95_ms"] <= listed["p99_ms"]  # p95 from bench/wrk_books.lua
     assert created["requests"] > 0 and created["failures"] == 0
     engine = create_engine(uri)
     with engine.connect() as conn:
@@ -82,6 +88,28 @@ Requests/sec:    500.00
         "p50_ms": 0.81,
         "p99_ms": 1200.0,
     }
+
+
+def test_edge_scenario_loads_one_gunicorn_through_nginx_and_straight_in_rounds(bench_stack, tmp_path):
+    """The edge's cost at tiny scale: both paths answer every list and create in each round,
+    and the table gives throughput and p95 ratios with their spread over the rounds."""
+    uri, _ = bench_stack
+    figures = run.edge_cost(uri, tmp_path, seconds=2)
+    for path in ("nginx", "straight"):
+        for key in ("list", "create"):
+            assert figures[path][f"{key}_requests"] > 0 and figures[path][f"{key}_failures"] == 0
+            assert len(figures[path][f"{key}_round_p95_ms"]) == 2 and all(
+                ms > 0 for ms in figures[path][f"{key}_round_p95_ms"]
+            )
+    # nginx's access log holds the requests that went through it, and only those
+    access = (tmp_path / "edge-nginx" / "logs" / "flaskapi.access.log").read_text().splitlines()
+    books = figures["nginx"]["list_requests"] + figures["nginx"]["create_requests"]
+    # wrk's 4 runs through nginx (2 rounds, list and create) each leave up to a connection's
+    # request in flight at its end; and the registration and login
+    assert books <= len(access) <= books + 4 * run.CONNECTIONS + 2
+    rows = {figure: value for figure, value, _ in run.table({"edge": figures})}
+    assert "(n=2)" in rows["7 list: through nginx / straight, throughput (median of rounds)"]
+    assert "(n=2)" in rows["7 create: through nginx / straight, p95 (median of rounds)"]
 
 
 def test_crash_recovery_probe_measures_a_real_restart(migrated_database, tmp_path):
@@ -195,3 +223,37 @@ def test_make_locust_runs_the_projects_locustfile_against_the_service(bench_stac
         rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(handle)}
     assert int(rows[("POST", "/auth/login")]["Request Count"]) == 3
     assert int(rows[("", "Aggregated")]["Failure Count"]) == 0
+
+
+def test_distributed_locust_counts_every_workers_requests_on_the_master(bench_stack, tmp_path):
+    """`--processes 2`: the master alone serves :9646 (a worker binding it too would fail to
+    start), its metrics count the requests of both workers, and its final statistics (CSV and
+    summary) hold every request the server answered: the last reports are not lost at the end."""
+    _, stack = bench_stack
+    before = sum(demo.server_counts(scrape(stack.metrics_url)).values())
+    metrics_port = free_port()
+    argv = locust_command(stack.url, users=4, rate=4, seconds=8, processes=2, extra=("--csv", str(tmp_path / "run")))
+    env = locust_env(LOCUST_METRICS_BIND=f"127.0.0.1:{metrics_port}", LOCUST_SUMMARY_JSON=str(tmp_path / "final.json"))
+    seen: dict[str, float] = {}
+
+    def both_workers_sent_requests() -> bool:
+        try:
+            samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        except requests.RequestException:
+            return False
+        per_worker = {labels["worker"]: v for n, labels, v in samples if n == "locust_worker_requests_total"}
+        seen.update(workers=metric(samples, "locust_workers"), users=metric(samples, "locust_users"))
+        return len(per_worker) == 2 and all(v > 0 for v in per_worker.values())
+
+    with ManagedProcess(argv, env=env, log_path=tmp_path / "locust.out", name="locust --processes 2") as generator:
+        wait_for(both_workers_sent_requests, "requests from both workers in the master's metrics", timeout=60)
+        assert seen == {"workers": 2, "users": 4}
+        wait_for(lambda: generator.poll() is not None, "locust to finish", timeout=90)
+    assert generator.poll() == 0, generator.output()[-3000:]
+    answered = sum(demo.server_counts(scrape(stack.metrics_url)).values()) - before
+    with open(tmp_path / "run_stats.csv", newline="") as handle:
+        total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert int(total["Request Count"]) == final["total"]["requests"] == answered
+    assert int(total["Failure Count"]) == 0
+    assert sum(final["total"]["answers"].values()) == answered  # the workers' answers, gathered

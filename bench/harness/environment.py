@@ -41,16 +41,21 @@ def locust_command(
     locustfile: Path = ROOT / "locustfile.py",
     user_classes: tuple[str, ...] = (),
     stop_timeout: float = 5,
+    processes: int = 1,
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """A headless locust run against `host`, as the tests, the demo and the benchmarks start it:
     only the summary printed, failures reported but not the exit code (callers judge them), a
-    stop timeout for users mid-request. No `seconds`: it runs until stopped."""
+    stop timeout for users mid-request. No `seconds`: it runs until stopped. `processes` > 1:
+    locust's master forks that many workers (one process tops out near a core) and shares the
+    users among them; the master alone serves the metrics and writes the results."""
     argv = [sys.executable, "-m", "locust", "-f", str(locustfile), *user_classes, "--headless"]
     argv += ["-u", str(users), "-r", str(rate), "--host", host, "--only-summary"]
     argv += ["--exit-code-on-error", "0", "--stop-timeout", f"{stop_timeout:g}"]
     if seconds is not None:
         argv += ["-t", f"{int(seconds)}s"]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
     return argv + list(extra)
 
 
