@@ -118,7 +118,11 @@ def test_compose_nginx_is_the_site_rendered_for_the_app_service():
         "`python -m bench.harness.nginx compose`"
     )
     text = COMPOSE_SITE.read_text()
-    assert "server app:5000;" in text and "listen 80 default_server;" in text and "[::]" not in text
+    assert (
+        "server app:5000 max_fails=1 fail_timeout=5s;" in text
+        and "listen 80 default_server;" in text
+        and "[::]" not in text
+    )
     assert "/var/log/nginx" not in text and "access_log /dev/stdout flaskapi_json;" in text
     healthcheck = compose()["services"]["nginx"]["healthcheck"]["test"]
     assert healthcheck[0] == "CMD" and "http://127.0.0.1/healthz" in healthcheck
