@@ -174,7 +174,13 @@ ROWS = {
         "Books latency SLO: burn rate by window",
         "Auth latency SLO: burn rate by window",
     ],
-    "Traffic": ["Locust users", "Locust RPS and failures/s", "Request rate by route"],
+    "Traffic": [
+        "Locust users",
+        "Locust RPS and failures/s",
+        "Request rate by route",
+        "Requests/s by instance",
+        "App instances up",
+    ],
     "Errors": ["Error ratio (5xx, 4xx)", "5xx ratio by route", "4xx ratio by route", "Errors/s by status"],
     "Latency": [
         "Latency p50/p95/p99",
