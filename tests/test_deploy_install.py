@@ -161,10 +161,10 @@ def test_the_nginx_host_gets_one_upstream_server_per_app_host(tmp_path):
     repo = NGINX_SITE.read_text()
     line = "    server 127.0.0.1:5000 max_fails=1 fail_timeout=5s;\n"
     assert line in repo
-    assert site == repo.replace(
-        line,
-        "    server 10.0.0.11:5000 max_fails=1 fail_timeout=5s;\n    server 10.0.0.12:5001 max_fails=1 fail_timeout=5s;\n",
-    )
+    servers = [
+        f"    server {address} max_fails=1 fail_timeout=5s;\n" for address in ("10.0.0.11:5000", "10.0.0.12:5001")
+    ]
+    assert site == repo.replace(line, "".join(servers))
     # without it, the repo's site as it is
     install("--root", str(root), "--no-venv", "--no-exporters")
     assert (root / "etc/nginx/sites-available/flaskapi.conf").read_text() == repo

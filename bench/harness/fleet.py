@@ -16,6 +16,8 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
+
 from bench.harness import exporters
 from bench.harness.environment import stack_env
 from bench.harness.gunicorn import Gunicorn
@@ -100,8 +102,7 @@ class Fleet:
 
     @property
     def targets(self) -> dict[str, str]:
-        """{host: the metrics port's address}: what Prometheus scrapes (Prometheus(targets=
-        {"flaskapi": fleet.targets}) writes them in its target file)."""
+        """{host: the metrics port's address}: what Prometheus scrapes (write_targets)."""
         return {name: f"127.0.0.1:{instance.metrics_port}" for name, instance in self.instances.items()}
 
     def write_targets(self, config_dir: Path) -> Path:
@@ -110,19 +111,20 @@ class Fleet:
 
     def kill(self, name: str) -> None:
         """SIGKILL to instance `name`'s process group (master and workers at once: nothing is
-        drained, nothing said to nginx), returning once every process of it is gone."""
+        drained, nothing said to nginx), returning once every process of it has exited (a zombie
+        holds no socket: its workers are reaped by whoever inherited them, at its own pace)."""
         instance = self.instances[name]
+        workers = psutil.Process(instance.pid).children(recursive=True)
         os.killpg(instance.pid, signal.SIGKILL)
         instance.process.wait(30)
 
-        def group_gone() -> bool:
+        def exited(process: psutil.Process) -> bool:
             try:
-                os.killpg(instance.pid, 0)
-            except ProcessLookupError:
+                return process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
                 return True
-            return False
 
-        wait_for(group_gone, f"every process of {name} gone")
+        wait_for(lambda: all(exited(worker) for worker in workers), f"every process of {name} gone")
         instance.stop()  # only cleans up (its metrics directory): it has exited
 
     def restart(self, name: str) -> Gunicorn:

@@ -31,17 +31,18 @@ class Prometheus(ManagedProcess):
         self,
         workdir: Path,
         *,
-        targets: dict[str, str | dict[str, str]],
+        targets: dict[str, str],
         interval: str = "5s",
         alertmanager: str | None = None,
         rule_files: list[Path] | None = None,
         every_group_at_interval: bool = False,
     ) -> None:
-        """`targets`: {job name: host:port, or {host: host:port} for several}; the repo's jobs not
-        named get no target (but what a test wrote in their target files under `workdir`). A job
-        the config discovers in a file (file_sd_configs: flaskapi, node, postgres) gets its file
-        written under `workdir`, each target labelled with its `host` ("localhost" for a single
-        one), so its series carry the labels they carry when deployed; the others static targets.
+        """`targets`: {job name: host:port}; the repo's jobs not named get no target (but what a
+        caller wrote in their target files under `workdir`: several instances, bench/harness/
+        fleet.py). A job the config discovers in a file (file_sd_configs: flaskapi, node,
+        postgres) gets its file written under `workdir`, the target labelled `host: localhost`
+        as in monitoring/targets/, so its series carry the labels they carry when deployed; the
+        others get a static target.
         `alertmanager`: host:port to send alerts to (None: alerts stay in Prometheus).
         `rule_files`: instead of the repo's (a time-compressed copy, monitoring/slo.py).
         `every_group_at_interval`: the rule groups that have an `interval` of their own (the SLO's
@@ -72,12 +73,12 @@ class Prometheus(ManagedProcess):
             job["scrape_interval"] = interval
             job["scrape_timeout"] = interval
             name = job["job_name"]
-            hosts = targets.get(name)
+            address = targets.get(name)
             if "file_sd_configs" in job:
-                if hosts is not None:
-                    write_targets(workdir, name, {"localhost": hosts} if isinstance(hosts, str) else hosts)
+                if address is not None:
+                    write_targets(workdir, name, {"localhost": address})
             else:
-                job["static_configs"] = [{"targets": [hosts]}] if hosts is not None else []
+                job["static_configs"] = [{"targets": [address]}] if address is not None else []
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         super().__init__(
