@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(420)]
 THREADS = 4
 MAX_REQUESTS = 5000  # the load's bounds: whichever comes first
 MAX_SECONDS = 240
-PAUSE = 0.03  # between a thread's requests: a steady load the 2 cores carry beside the rest
+PAUSE = 0.05  # between a thread's requests: a steady load the 2 cores carry beside the rest
 ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+:\d+")
 EXPECTED = {"GET": 200, "POST": 201}
 
@@ -221,15 +221,14 @@ def test_an_instance_killed_under_load_costs_at_most_its_requests_in_flight(migr
                 back = fleet.restart("app-1")
                 restarted = time.monotonic()
                 assert fleet.upstreams["app-1"] == first and fleet.targets["app-1"].endswith(f":{back.metrics_port}")
+
                 # app-1 takes traffic again: a request sent after its restart answered by it.
-                wait_for(
-                    lambda: any(
-                        c.sent > restarted and c.answered and routes(fleet).get(c.request_id, [None])[-1] == first
-                        for c in list(load.calls)
-                    ),
-                    "app-1 answering again",
-                    timeout=120,
-                )
+                def answered_by_app_1_again() -> bool:
+                    route = routes(fleet)
+                    sent = [c for c in list(load.calls) if c.sent > restarted and c.answered]
+                    return any(route.get(c.request_id, [None])[-1] == first for c in sent)
+
+                wait_for(answered_by_app_1_again, "app-1 answering again", timeout=120)
                 wait_for(lambda: not target_down_alerts(prometheus), "FlaskapiTargetDown resolved", timeout=120)
             finally:
                 load.stop()
