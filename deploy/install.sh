@@ -9,6 +9,8 @@
 #   sudo deploy/install.sh --log-host 10.0.0.40 # ...and ship the JSON log to the log host
 #   sudo deploy/install.sh --role log-host      # the LOG host instead (see install_log_host)
 #   sudo deploy/install.sh --role db-host --exporter-address 10.0.0.20   # the DATABASE host's exporters
+#   sudo deploy/install.sh --app-hosts 10.0.0.11,10.0.0.12   # the nginx host: one upstream server per app host
+#   sudo deploy/install.sh --role monitoring --app-hosts 10.0.0.11,10.0.0.12   # the MONITORING host's Prometheus
 #
 # Steps: apt packages -> user/group flaskapi -> code to /opt/flaskapi/app -> venv
 # /opt/flaskapi/venv (pip install of the app, not editable) -> /etc/flaskapi/flaskapi.env from
@@ -40,12 +42,14 @@ LOG_HOST=""
 EXPORTER_ADDRESS=""
 WITH_EXPORTERS=1
 PG_STAT_STATEMENTS=0
+APP_HOSTS=""
 
 usage() {
   cat <<'EOF'
 Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx] [--no-venv]
-                  [--log-host ADDR[:PORT]] [--role app|log-host|db-host]
+                  [--log-host ADDR[:PORT]] [--role app|log-host|db-host|monitoring]
                   [--exporter-address ADDR] [--no-exporters] [--pg-stat-statements]
+                  [--app-hosts ADDR[:PORT][,ADDR[:PORT]...]]
 
   --root DIR    install under DIR (a throwaway tree): apt, useradd, chown, systemctl and the
                 migrations are skipped, with a message
@@ -72,6 +76,14 @@ Usage: install.sh [--root DIR] [--dry-run] [--repo URL [--ref REF]] [--no-nginx]
   --pg-stat-statements
                 db-host: also export the slowest statements (needs pg_stat_statements preloaded:
                 monitoring/postgres-exporter/statements.yml)
+  --role monitoring
+                the MONITORING host's Prometheus instead: the repo's config and rules in
+                /etc/prometheus/flaskapi/, its drop-in, and the app instances' target file
+                (targets/flaskapi.yml) from --app-hosts
+  --app-hosts ADDR[:PORT],...
+                N app hosts, in order (their `host` is app-1, app-2, ...). App role: the nginx
+                site's upstream, one server per host on its BIND (port 5000 unless given); role
+                monitoring: their metrics ports (ADDR:9200) in targets/flaskapi.yml
 EOF
 }
 
@@ -96,6 +108,8 @@ while [ $# -gt 0 ]; do
     --exporter-address=*) EXPORTER_ADDRESS=${1#--exporter-address=}; shift ;;
     --no-exporters) WITH_EXPORTERS=0; shift ;;
     --pg-stat-statements) PG_STAT_STATEMENTS=1; shift ;;
+    --app-hosts) [ $# -ge 2 ] || die "--app-hosts needs addresses"; APP_HOSTS=$2; shift 2 ;;
+    --app-hosts=*) APP_HOSTS=${1#--app-hosts=}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -112,8 +126,21 @@ case "$ROLE" in
     [ -z "$LOG_HOST" ] || die "--log-host is for app hosts"
     [ "$WITH_EXPORTERS" -eq 1 ] || die "--no-exporters: the database host's install is its exporters"
     ;;
-  *) die "--role: app, log-host or db-host, not $ROLE" ;;
+  monitoring)
+    [ -z "$REPO_URL" ] || die "--repo is for the app role: run the monitoring host's install from a checkout"
+    [ -z "$LOG_HOST" ] || die "--log-host is for app hosts"
+    [ -n "$APP_HOSTS" ] || die "--role monitoring needs --app-hosts: the app instances Prometheus scrapes"
+    ;;
+  *) die "--role: app, log-host, db-host or monitoring, not $ROLE" ;;
 esac
+[ -z "$APP_HOSTS" ] || [ "$ROLE" = app ] || [ "$ROLE" = monitoring ] || die "--app-hosts is for the app role or --role monitoring"
+APP_ADDRESSES=()
+if [ -n "$APP_HOSTS" ]; then
+  IFS=, read -r -a APP_ADDRESSES <<< "$APP_HOSTS"
+  for address in "${APP_ADDRESSES[@]}"; do
+    [[ "$address" =~ ^[A-Za-z0-9._-]+(:[0-9]+)?$ ]] || die "--app-hosts: not an address or address:port: '$address'"
+  done
+fi
 [ "$PG_STAT_STATEMENTS" -eq 0 ] || [ "$ROLE" = db-host ] || die "--pg-stat-statements is for --role db-host"
 
 umask 022
@@ -289,6 +316,54 @@ if [ "$ROLE" = db-host ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# The monitoring host (docs/deployment.md, "Several app hosts"): Debian's Prometheus with the
+# repo's config and rules, unchanged (every target is in a file), and the app instances' file.
+# The exporters' files (targets/node.yml, postgres.yml) are the operator's: kept if present.
+PROMETHEUS_DIR=/etc/prometheus/flaskapi
+app_targets() {
+  local i=0 address
+  echo "# Written by deploy/install.sh --role monitoring --app-hosts: the flaskapi job's targets"
+  echo "# (monitoring/targets/flaskapi.yml), each app host's metrics port and its name."
+  for address in "${APP_ADDRESSES[@]}"; do
+    i=$((i + 1))
+    echo "- targets: [\"${address%%:*}:9200\"]"
+    echo "  labels: {host: app-$i}"
+  done
+}
+if [ "$ROLE" = monitoring ]; then
+  say "Prometheus for ${#APP_ADDRESSES[@]} app hosts -> $ROOT$PROMETHEUS_DIR"
+  if real_system "apt-get install prometheus"; then
+    export DEBIAN_FRONTEND=noninteractive
+    run apt-get install -y -q --no-install-recommends prometheus
+  fi
+  run install -d -m 0755 "$ROOT$PROMETHEUS_DIR/rules" "$ROOT$PROMETHEUS_DIR/targets"
+  run install -m 0644 "$SOURCE/monitoring/prometheus.yml" "$ROOT$PROMETHEUS_DIR/prometheus.yml"
+  for rules in "$SOURCE"/monitoring/rules/*.rules.yml; do
+    run install -m 0644 "$rules" "$ROOT$PROMETHEUS_DIR/rules/"
+  done
+  if [ "$DRY_RUN" -eq 1 ]; then
+    printf '+ write %q: %s\n' "$ROOT$PROMETHEUS_DIR/targets/flaskapi.yml" "${APP_ADDRESSES[*]}"
+  else
+    app_targets > "$ROOT$PROMETHEUS_DIR/targets/flaskapi.yml"
+  fi
+  run chmod 0644 "$ROOT$PROMETHEUS_DIR/targets/flaskapi.yml"
+  for job in node postgres; do
+    [ -e "$ROOT$PROMETHEUS_DIR/targets/$job.yml" ] ||
+      note "write $PROMETHEUS_DIR/targets/$job.yml: every host's exporter (docs/deployment.md)"
+  done
+  run install -d -m 0755 "$ROOT$UNIT_DIR/prometheus.service.d"
+  run install -m 0644 "$SOURCE/deploy/systemd/prometheus.service.d/flaskapi.conf" "$ROOT$UNIT_DIR/prometheus.service.d/flaskapi.conf"
+  if real_system "promtool check config, systemctl daemon-reload, restart prometheus"; then
+    run promtool check config "$PROMETHEUS_DIR/prometheus.yml"
+    run systemctl daemon-reload
+    run systemctl enable --quiet prometheus.service
+    run systemctl restart prometheus.service
+  fi
+  say "done"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
 say "packages"
 PACKAGES=(python3 python3-venv ca-certificates)
 [ "$WITH_NGINX" -eq 0 ] || PACKAGES+=(nginx)
@@ -391,10 +466,35 @@ if real_system "systemctl daemon-reload"; then
   run systemctl daemon-reload
 fi
 
+# The site with its upstream's one server line (127.0.0.1:5000) replaced by one per app host,
+# with that line's parameters (the passive health check): bench/harness/nginx.py does the same.
+site_for_app_hosts() {
+  awk -v hosts="${APP_ADDRESSES[*]}" '
+    /^[ \t]*server 127\.0\.0\.1:5000[ ;]/ {
+      parameters = $0; sub(/^[ \t]*server 127\.0\.0\.1:5000/, "", parameters)
+      count = split(hosts, address, " ")
+      for (i = 1; i <= count; i++) print "    server " (address[i] ~ /:[0-9]+$/ ? address[i] : address[i] ":5000") parameters
+      found++; next
+    }
+    { print }
+    END { if (found != 1) { print "install.sh: the site has " found + 0 " upstream server lines, not 1" > "/dev/stderr"; exit 1 } }
+  ' "$1"
+}
+
 if [ "$WITH_NGINX" -eq 1 ]; then
   say "nginx site"
   run install -d -m 0755 "$ROOT/etc/nginx/sites-available" "$ROOT/etc/nginx/sites-enabled"
-  run install -m 0644 "$DEPLOY/nginx/flaskapi.conf" "$ROOT/etc/nginx/sites-available/flaskapi.conf"
+  if [ "${#APP_ADDRESSES[@]}" -eq 0 ]; then
+    run install -m 0644 "$DEPLOY/nginx/flaskapi.conf" "$ROOT/etc/nginx/sites-available/flaskapi.conf"
+  else
+    note "upstream: ${APP_ADDRESSES[*]} (port 5000 unless given), each with the site's health check"
+    if [ "$DRY_RUN" -eq 1 ]; then
+      printf '+ write %q: upstream %s\n' "$ROOT/etc/nginx/sites-available/flaskapi.conf" "${APP_ADDRESSES[*]}"
+    else
+      site_for_app_hosts "$DEPLOY/nginx/flaskapi.conf" > "$ROOT/etc/nginx/sites-available/flaskapi.conf"
+    fi
+    run chmod 0644 "$ROOT/etc/nginx/sites-available/flaskapi.conf"
+  fi
   run ln -sfn ../sites-available/flaskapi.conf "$ROOT/etc/nginx/sites-enabled/flaskapi.conf"
   if [ -L "$ROOT/etc/nginx/sites-enabled/default" ]; then
     note "disabling Debian's default site (flaskapi is the default_server on port 80)"

@@ -152,10 +152,8 @@ def test_a_crash_and_a_database_outage_reach_the_right_people(dedicated_postgres
                     requests.get(stack.url + "/auth/crash", headers={"X-Request-ID": crash_id}, timeout=15)
                 stack.wait_for_workers(what="the crashed worker replaced")
                 ticket = smtp.wait_for(mail_of(TEAM, "FlaskapiWorkerRestarted", "FIRING"), "the crash's ticket")[0]
-                assert (
-                    f"alertname=FlaskapiWorkerRestarted instance={instance} job=flaskapi severity=warning"
-                    in ticket.text
-                )
+                labels = f"host=localhost instance={instance} job=flaskapi"  # host: the target file's
+                assert f"alertname=FlaskapiWorkerRestarted {labels} severity=warning" in ticket.text
                 assert "Runbook: docs/runbooks/FlaskapiWorkerRestarted.md" in ticket.text
                 assert RECIPE in ticket.text
                 # the mail's log command, run as written where the logs are, finds the crash's id
@@ -174,13 +172,14 @@ def test_a_crash_and_a_database_outage_reach_the_right_people(dedicated_postgres
                     assert page.path == "/oncall" and page.body["receiver"] == "oncall"
                     (sent,) = page.alerts
                     assert sent["labels"] == {
-                        "alertname": "FlaskapiNotReady", "severity": "critical", "job": "flaskapi", "instance": instance
+                        "alertname": "FlaskapiNotReady", "severity": "critical", "job": "flaskapi",
+                        "instance": instance, "host": "localhost",
                     }  # fmt: skip
                     assert sent["annotations"]["runbook_url"] == "docs/runbooks/FlaskapiNotReady.md"
                     assert "request_id" in sent["annotations"]["logs"]
                     mail = smtp.wait_for(mail_of(ONCALL, "FlaskapiNotReady", "FIRING"), "the outage's page by mail")[0]
                     assert mail.subject == "[FIRING:1] FlaskapiNotReady (critical) flaskapi"
-                    assert f"alertname=FlaskapiNotReady instance={instance} job=flaskapi severity=critical" in mail.text
+                    assert f"alertname=FlaskapiNotReady {labels} severity=critical" in mail.text
                     assert "Runbook: docs/runbooks/FlaskapiNotReady.md" in mail.text
                     assert f"Logs: {sent['annotations']['logs']}" in mail.text and RECIPE in mail.text
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -118,17 +119,26 @@ def test_compose_nginx_is_the_site_rendered_for_the_app_service():
         "`python -m bench.harness.nginx compose`"
     )
     text = COMPOSE_SITE.read_text()
-    assert "server app:5000;" in text and "listen 80 default_server;" in text and "[::]" not in text
+    assert (
+        "server app:5000 max_fails=1 fail_timeout=5s;" in text
+        and "listen 80 default_server;" in text
+        and "[::]" not in text
+    )
     assert "/var/log/nginx" not in text and "access_log /dev/stdout flaskapi_json;" in text
     healthcheck = compose()["services"]["nginx"]["healthcheck"]["test"]
     assert healthcheck[0] == "CMD" and "http://127.0.0.1/healthz" in healthcheck
 
 
 def without_targets(config: dict) -> dict:
+    """The config without where its targets are: the static ones' addresses, and the app's
+    discovery (a file as deployed, DNS under compose, test_compose_finds_every_app_container)."""
     config = json.loads(json.dumps(config))
     for job in config["scrape_configs"] + config["alerting"]["alertmanagers"]:
         for static in job.get("static_configs", []):
             static.pop("targets")
+        if job.get("job_name") == "flaskapi":
+            for key in ("file_sd_configs", "dns_sd_configs", "relabel_configs"):
+                job.pop(key, None)
     return config
 
 
@@ -150,7 +160,7 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
                 for t in g["targets"]
             ]
     assert targets == {
-        "flaskapi": ["app:9200"],
+        "flaskapi": [],  # found by DNS: below
         "locust": ["locust-master:9646"],
         "prometheus": ["localhost:9090"],
         "node": ["node-exporter:9100"],
@@ -166,6 +176,20 @@ def test_compose_prometheus_is_the_repo_config_with_other_targets(tmp_path):
     shutil.copytree(ROOT / "monitoring" / "rules", tmp_path / "rules")
     shutil.copytree(DEPLOY / "compose" / "targets", tmp_path / "targets")
     run([tool("promtool"), "check", "config", tmp_path / "prometheus.yml"])
+
+
+def test_compose_finds_every_app_container(tmp_path):
+    """`--scale app=N`: Prometheus asks compose's DNS for the service's A records (one per
+    container) on the metrics port, and labels each with its address as `host`."""
+    ours = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    (job,) = [j for j in ours["scrape_configs"] if j["job_name"] == "flaskapi"]
+    assert job["dns_sd_configs"] == [{"names": ["app"], "type": "A", "port": 9200}]
+    assert "file_sd_configs" not in job and "static_configs" not in job
+    (relabel,) = job["relabel_configs"]
+    assert relabel["source_labels"] == ["__address__"] and relabel["target_label"] == "host"
+    assert re.fullmatch(relabel["regex"], "172.18.0.5:9200").group(1) == "172.18.0.5"
+    assert compose()["services"]["app"].get("container_name") is None  # or it could not scale
+    assert "ports" not in compose()["services"]["app"]  # a published port could not scale either
 
 
 def test_compose_alertmanager_is_the_repo_config_with_its_templates(tmp_path):

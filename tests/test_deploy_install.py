@@ -150,3 +150,50 @@ def test_database_host_gets_both_exporters_their_queries_and_the_role(tmp_path):
     }
     refused = run([INSTALL, "--root", str(tmp_path / "x"), "--pg-stat-statements"], check=False, timeout=60)
     assert refused.returncode != 0 and "--pg-stat-statements is for --role db-host" in refused.stderr
+
+
+def test_the_nginx_host_gets_one_upstream_server_per_app_host(tmp_path):
+    """--app-hosts: the site's one server line becomes one per app host, each with its health
+    check (port 5000 unless given); the rest of the site is the repo's, line for line."""
+    root = tmp_path / "root"
+    install("--root", str(root), "--no-venv", "--no-exporters", "--app-hosts", "10.0.0.11,10.0.0.12:5001")
+    site = (root / "etc/nginx/sites-available/flaskapi.conf").read_text()
+    repo = NGINX_SITE.read_text()
+    line = "    server 127.0.0.1:5000 max_fails=1 fail_timeout=5s;\n"
+    assert line in repo
+    servers = [
+        f"    server {address} max_fails=1 fail_timeout=5s;\n" for address in ("10.0.0.11:5000", "10.0.0.12:5001")
+    ]
+    assert site == repo.replace(line, "".join(servers))
+    # without it, the repo's site as it is
+    install("--root", str(root), "--no-venv", "--no-exporters")
+    assert (root / "etc/nginx/sites-available/flaskapi.conf").read_text() == repo
+    refused = run([INSTALL, "--root", str(tmp_path / "x"), "--app-hosts", "10.0.0.11;rm"], check=False, timeout=60)
+    assert refused.returncode != 0 and "--app-hosts: not an address" in refused.stderr
+
+
+def test_the_monitoring_host_gets_the_config_the_rules_and_the_app_targets(tmp_path):
+    root = tmp_path / "root"
+    result = install("--root", str(root), "--role", "monitoring", "--app-hosts", "10.0.0.11,10.0.0.12")
+    assert "skipped (--root): apt-get install prometheus" in result.stdout
+    assert not (root / "opt/flaskapi").exists(), "the monitoring host gets no app"
+    config = root / "etc/prometheus/flaskapi"
+    monitoring = DEPLOY.parent / "monitoring"
+    assert (config / "prometheus.yml").read_text() == (monitoring / "prometheus.yml").read_text()
+    assert sorted(p.name for p in (config / "rules").iterdir()) == sorted(
+        p.name for p in (monitoring / "rules").glob("*.rules.yml")
+    )
+    assert yaml.safe_load((config / "targets/flaskapi.yml").read_text()) == [
+        {"targets": ["10.0.0.11:9200"], "labels": {"host": "app-1"}},
+        {"targets": ["10.0.0.12:9200"], "labels": {"host": "app-2"}},
+    ]
+    assert (root / drop_in("prometheus")).read_text() == (
+        SYSTEMD / "prometheus.service.d" / "flaskapi.conf"
+    ).read_text()
+    assert "targets/node.yml" in result.stdout  # the exporters' files are the operator's
+    # promtool reads it as installed (the exporters' files written as the docs say)
+    for job in ("node", "postgres"):
+        (config / f"targets/{job}.yml").write_text((monitoring / "targets" / f"{job}.yml").read_text())
+    run([tool("promtool"), "check", "config", config / "prometheus.yml"])
+    refused = run([INSTALL, "--root", str(tmp_path / "x"), "--role", "monitoring"], check=False, timeout=60)
+    assert refused.returncode != 0 and "--role monitoring needs --app-hosts" in refused.stderr

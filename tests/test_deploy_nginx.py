@@ -36,6 +36,23 @@ def test_nginx_accepts_the_site(tmp_path):
     nginx_test(tmp_path, render(tmp_path))
 
 
+def test_several_app_instances_are_one_upstream_each_health_checked(tmp_path):
+    """N app hosts: one server line each, with the site's passive health check, and nginx accepts
+    it; a request that fails on one instance is tried on the next, within bounds."""
+    addresses = ["127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5003"]
+    nginx_test(tmp_path, render(tmp_path, upstream=addresses))
+    site = (tmp_path / "site.conf").read_text()
+    upstream = re.search(r"^upstream flaskapi \{(.*?)^\}", site, flags=re.M | re.S).group(1)
+    servers = re.findall(r"^\s*server (\S+) max_fails=1 fail_timeout=5s;$", upstream, flags=re.M)
+    assert servers == addresses
+    assert "keepalive 32;" in upstream
+    assert re.search(r"^\s*proxy_next_upstream error timeout;$", site, flags=re.M)  # never non_idempotent
+    assert "non_idempotent" not in re.sub(r"#.*", "", site)
+    assert re.search(r"^\s*proxy_next_upstream_tries 3;$", site, flags=re.M)
+    assert re.search(r"^\s*proxy_next_upstream_timeout 10s;$", site, flags=re.M)
+    assert '"upstream_addr":"$upstream_addr"' in site
+
+
 def test_the_site_fits_in_debians_nginx_conf(tmp_path):
     """Included where Debian includes sites-enabled/ (inside its http {}, after its own
     directives), the site repeats none of them: `nginx -t` on Debian's nginx.conf itself."""
@@ -81,7 +98,10 @@ def test_nginx_proxies_with_request_ids_forwarded_headers_and_json_errors(tmp_pa
     upstream = None
     try:
         site = (tmp_path / "site.conf").read_text()
-        assert f"server 127.0.0.1:{upstream_port};" in site and f"listen {nginx.listen} default_server;" in site
+        assert (
+            f"server 127.0.0.1:{upstream_port} max_fails=1 fail_timeout=5s;" in site
+            and f"listen {nginx.listen} default_server;" in site
+        )
         url = nginx.url
 
         # Upstream down: nginx's own 502, in the app's error shape, with a request id.

@@ -781,7 +781,7 @@ def test_run_edge_serves_through_nginx_and_stops_both(edge, tmp_path, signum):
         assert response.status_code == 200 and response.headers["X-Request-ID"] == "run-edge-1"
         access = tmp_path / "data" / "edge" / "logs" / "flaskapi.access.log"
         wait_for(lambda: access.exists() and "run-edge-1" in access.read_text(), "the request in nginx's access log")
-        assert f"server {bind};" in (tmp_path / "data" / "edge" / "site.conf").read_text()
+        assert f"server {bind} max_fails=1 fail_timeout=5s;" in (tmp_path / "data" / "edge" / "site.conf").read_text()
 
         assert launcher.stop(60) == 0, launcher.output()[-3000:]
         assert not [pid for pid in pids if alive(pid)], f"left running: {pids}\n{launcher.output()[-3000:]}"

@@ -106,7 +106,7 @@ def test_prometheus_config_scrapes_the_app_the_load_generator_and_itself():
         for job in config["scrape_configs"]
     }
     assert jobs == {
-        "flaskapi": ["127.0.0.1:9200"],
+        "flaskapi": [],
         "locust": ["127.0.0.1:9646"],
         "prometheus": ["127.0.0.1:9090"],
         "node": [],
@@ -114,17 +114,25 @@ def test_prometheus_config_scrapes_the_app_the_load_generator_and_itself():
     }
 
 
-def test_prometheus_finds_the_exporters_in_target_files_with_their_host():
-    """The one-host target files next to the config: each target labelled with its host."""
+def test_prometheus_finds_the_app_instances_and_the_exporters_in_target_files_with_their_host():
+    """The one-host target files next to the config: each target labelled with its host (the app
+    instances' too, so N app hosts are N lines of a file, no edit of the config)."""
     found = {
         job["job_name"]: job["file_sd_configs"]
         for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]
         if "file_sd_configs" in job
     }
-    assert found == {"node": [{"files": ["targets/node.yml"]}], "postgres": [{"files": ["targets/postgres.yml"]}]}
+    assert found == {
+        "flaskapi": [{"files": ["targets/flaskapi.yml"]}],
+        "node": [{"files": ["targets/node.yml"]}],
+        "postgres": [{"files": ["targets/postgres.yml"]}],
+    }
     for job, ((path,),) in ((job, [c["files"] for c in configs]) for job, configs in found.items()):
         groups = load_yaml(MONITORING / path)
         assert groups and all(g["targets"] and g["labels"]["host"] for g in groups), job
+    assert load_yaml(MONITORING / "targets" / "flaskapi.yml") == [
+        {"targets": ["127.0.0.1:9200"], "labels": {"host": "localhost"}}
+    ]
     assert [g["targets"] for g in load_yaml(MONITORING / "targets" / "node.yml")] == [["127.0.0.1:9100"]]
     assert [g["targets"] for g in load_yaml(MONITORING / "targets" / "postgres.yml")] == [["127.0.0.1:9187"]]
 
@@ -166,7 +174,13 @@ ROWS = {
         "Books latency SLO: burn rate by window",
         "Auth latency SLO: burn rate by window",
     ],
-    "Traffic": ["Locust users", "Locust RPS and failures/s", "Request rate by route"],
+    "Traffic": [
+        "Locust users",
+        "Locust RPS and failures/s",
+        "Request rate by route",
+        "Requests/s by instance",
+        "App instances up",
+    ],
     "Errors": ["Error ratio (5xx, 4xx)", "5xx ratio by route", "4xx ratio by route", "Errors/s by status"],
     "Latency": [
         "Latency p50/p95/p99",

@@ -1,6 +1,7 @@
 """The host and database exporters from Debian's packages (prometheus-node-exporter,
 prometheus-postgres-exporter) as plain processes on loopback, and the file_sd target files that
-make Prometheus find them (monitoring/prometheus.yml, jobs `node` and `postgres`)."""
+make Prometheus find them and the app instances (monitoring/prometheus.yml, jobs `node`,
+`postgres` and `flaskapi`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ QUERIES = ROOT / "monitoring" / "postgres-exporter" / "queries.yml"
 # NFS, which needs root or is slow in a container, and a test has no use for it.
 NODE_COLLECTORS = ("cpu", "loadavg", "meminfo", "diskstats", "filesystem", "netdev", "uname", "stat", "time")
 # The targets' files, relative to the Prometheus config (the jobs' file_sd_configs).
-TARGET_FILES = {"node": "targets/node.yml", "postgres": "targets/postgres.yml"}
+TARGET_FILES = {"flaskapi": "targets/flaskapi.yml", "node": "targets/node.yml", "postgres": "targets/postgres.yml"}
 
 
 def binary(name: str) -> str:

@@ -26,12 +26,21 @@ class Gunicorn(ManagedProcess):
     name = "gunicorn"
     stop_timeout = 20.0
 
-    def __init__(self, env: dict[str, str], *, workers: int | None = 3, log_path: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        workers: int | None = 3,
+        log_path: Path,
+        port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         """`env` over ours; `workers=None`: as many as deploy/gunicorn.conf.py (WEB_CONCURRENCY
-        or its default) says."""
-        self.port = free_port()
+        or its default) says. `port`, `metrics_port`: the ones of an instance started again where
+        nginx and Prometheus look for it (default: free ones)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_port = free_port()
+        self.metrics_port = metrics_port or free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         # As a launcher must: a fresh, empty multiprocess metrics directory for every start.
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=log_path.parent))

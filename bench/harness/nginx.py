@@ -2,7 +2,7 @@
 rendered for a private run (`make run-edge`, the tests), and the process that serves it.
 
 The renderer changes only what must differ from the server: the `listen` address, the upstream
-server (gunicorn's BIND), the log paths, and optionally the value of a directive (a test's short
+servers (each gunicorn's BIND, one or several), the log paths, and optionally the value of a directive (a test's short
 timeout). Everything nginx writes goes under one prefix directory, in a private nginx.conf that
 includes the rendered site inside http {} as Debian's nginx.conf does.
 """
@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import polling
@@ -45,19 +46,35 @@ def _replace(text: str, pattern: str, replacement: str, what: str) -> str:
     return rendered
 
 
+# The upstream's one server line as written, its parameters (max_fails, fail_timeout) in group 1.
+UPSTREAM_SERVER = r"^[ \t]*server 127\.0\.0\.1:5000((?: [^;]+)?);$"
+
+
+def upstream_servers(text: str, upstream: str | Sequence[str]) -> str:
+    """The server lines for `upstream` (one address or several), each with the parameters of the
+    site's own line: every instance is health-checked the same way."""
+    addresses = [upstream] if isinstance(upstream, str) else list(upstream)
+    if not addresses:
+        raise ValueError("an upstream needs at least one server")
+    match = re.search(UPSTREAM_SERVER, text, flags=re.M)
+    parameters = match.group(1) if match else ""
+    return "\n".join(f"    server {address}{parameters};" for address in addresses)
+
+
 def render_site(
     text: str,
     *,
     access_log: str | None = None,
     error_log: str | None = None,
     listen: str | None = None,
-    upstream: str | None = None,
+    upstream: str | Sequence[str] | None = None,
     overrides: dict[str, str] | None = None,
 ) -> str:
     """The site writing its access and error logs to the given files instead of /var/log/nginx/
     (None: as written), listening on `listen` (host:port, or a port) instead of port 80 (IPv4
-    only), proxying to `upstream` (host:port) instead of 127.0.0.1:5000, and each directive of
-    `overrides` ({"client_header_timeout": "2s"}) set to another value."""
+    only), proxying to `upstream` (host:port, or a list of them: one `server` line each, with the
+    site's health-check parameters) instead of 127.0.0.1:5000, and each directive of `overrides`
+    ({"client_header_timeout": "2s"}) set to another value."""
     if access_log is not None:
         text = _replace(
             text,
@@ -76,7 +93,7 @@ def render_site(
         text = _replace(text, r"^[ \t]*listen 80 default_server;$", f"    listen {listen} default_server;", "listen 80")
         text = _replace(text, r"^[ \t]*listen \[::\]:80 default_server;\n", "", "listen [::]:80")
     if upstream is not None:
-        text = _replace(text, r"^[ \t]*server 127\.0\.0\.1:5000;$", f"    server {upstream};", "upstream server")
+        text = _replace(text, UPSTREAM_SERVER, upstream_servers(text, upstream), "upstream server")
     for directive, value in (overrides or {}).items():
         text = _replace(text, rf"^[ \t]*{re.escape(directive)} [^;]+;", f"    {directive} {value};", directive)
     return text
@@ -88,6 +105,10 @@ COMPOSE_HEADER = """\
 # file, then regenerate this one (tests/test_deploy_compose.py fails while they differ). The same
 # site for docker compose: the upstream is the app service (app:5000), nginx listens on port 80
 # of its container (IPv4: compose networks may have no IPv6), logs go to the container's output.
+# `docker compose up -d --scale app=N`: nginx resolves `app` when it starts (or reloads) and puts
+# every address the name has then in the upstream, each a server with the parameters below. It
+# does not resolve it again (`server ... resolve` needs nginx 1.27.3; the image and Debian's
+# package are older): after a scale or a recreated app container, `docker compose restart nginx`.
 
 """
 
@@ -103,7 +124,7 @@ def render(
     prefix: Path,
     *,
     listen: str | None = None,
-    upstream: str | None = None,
+    upstream: str | Sequence[str] | None = None,
     overrides: dict[str, str] | None = None,
     site: str | None = None,
 ) -> Path:
@@ -165,7 +186,7 @@ class Nginx(ManagedProcess):
         self,
         prefix: Path,
         *,
-        upstream: str | None,
+        upstream: str | Sequence[str] | None,
         listen: str | None = None,
         overrides: dict[str, str] | None = None,
         site: str | None = None,

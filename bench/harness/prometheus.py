@@ -1,5 +1,6 @@
 """The real Prometheus binary with the repo's config and rules (monitoring/), its targets
-pointed at the given loopback ports and its intervals shortened for a short run; with the API
+pointed at the given loopback ports (in the jobs' target files where the config discovers them
+there, as deployed) and its intervals shortened for a short run; with the API
 calls the tests and the report make (query, query_range, alerts). It sends alerts only to the
 Alertmanager it is given (bench/harness/alertmanager.py), never to the config's."""
 
@@ -11,6 +12,7 @@ import requests
 import yaml
 
 from bench.harness.environment import ROOT, free_port
+from bench.harness.exporters import write_targets
 from bench.harness.process import ManagedProcess
 
 # Keeps the exemplars it scrapes (the latency buckets' trace ids, exemplars.py), as every
@@ -35,7 +37,12 @@ class Prometheus(ManagedProcess):
         rule_files: list[Path] | None = None,
         every_group_at_interval: bool = False,
     ) -> None:
-        """`targets`: {job name: host:port}; the repo's jobs not named get no target.
+        """`targets`: {job name: host:port}; the repo's jobs not named get no target (but what a
+        caller wrote in their target files under `workdir`: several instances, bench/harness/
+        fleet.py). A job the config discovers in a file (file_sd_configs: flaskapi, node,
+        postgres) gets its file written under `workdir`, the target labelled `host: localhost`
+        as in monitoring/targets/, so its series carry the labels they carry when deployed; the
+        others get a static target.
         `alertmanager`: host:port to send alerts to (None: alerts stay in Prometheus).
         `rule_files`: instead of the repo's (a time-compressed copy, monitoring/slo.py).
         `every_group_at_interval`: the rule groups that have an `interval` of their own (the SLO's
@@ -65,7 +72,13 @@ class Prometheus(ManagedProcess):
         for job in config["scrape_configs"]:
             job["scrape_interval"] = interval
             job["scrape_timeout"] = interval
-            job["static_configs"] = [{"targets": [targets[job["job_name"]]]}] if job["job_name"] in targets else []
+            name = job["job_name"]
+            address = targets.get(name)
+            if "file_sd_configs" in job:
+                if address is not None:
+                    write_targets(workdir, name, {"localhost": address})
+            else:
+                job["static_configs"] = [{"targets": [address]}] if address is not None else []
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         super().__init__(
