@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps lint run run-edge locust test test-stress demo bench bench-quick db-upgrade db-seed db-stop clean
+.PHONY: install system-deps lint run run-edge locust test test-stress demo fleet bench bench-quick db-upgrade db-seed db-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ test-stress: install system-deps ## the suite while busy loops hold $${STRESS_CO
 
 demo: install ## 200-user locust ramp with a crash, watched by Prometheus and Alertmanager, judged (exit 1 on a failed check); report in reports/
 	$(BIN)/python -m bench.demo $(DEMO_ARGS)
+
+fleet: install system-deps ## 2 app instances behind nginx, the exporters, Prometheus, locust in 2 processes: one view, judged; report in reports/
+	$(BIN)/python -m bench.fleet $(FLEET_ARGS)
 
 bench: install system-deps ## the full benchmark (about 8 minutes): figures and ratios, bench/results/
 	$(BIN)/python -m bench.run
