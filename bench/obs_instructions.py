@@ -12,7 +12,7 @@ start-up, nor the warm-up, nor the once-a-second threads (metrics sampler, log w
 Postgres. Instructions are not time (a cache miss or a system call counts as one), but
 observability is Python work, which they track. The children run at once, about 50x slower than
 without callgrind (the start-up, ~1.5 CPU minutes a child, dominates): off and on for both kinds,
-4 children, about 5 minutes on two cores; with `--ablation`, 10 children, about 15.
+4 children, about 6 minutes on two cores; with `--ablation`, 10 children, about 17.
 
 Variants (production settings, console logging off as the bench's "on"):
     off           no access line, no log file, no metrics, no Sentry (bench/obs_cost.py's `off`)
