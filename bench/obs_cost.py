@@ -87,23 +87,27 @@ def migrated_and_seeded(uri: str) -> None:
     seed(uri, BOOKS)
 
 
-def variant_env(name: str, uri: str, workdir: Path, dsn: str) -> dict[str, str]:
-    env = {key: dsn if value == RECEIVER else value for key, value in VARIANTS[name].items()}
+def variant_env(settings: dict[str, str], uri: str, workdir: Path, dsn: str) -> dict[str, str]:
+    """A variant's settings (VARIANTS' values) as a production environment, RECEIVER made `dsn`."""
+    env = {key: dsn if value == RECEIVER else value for key, value in settings.items()}
     return stack_env(uri, workdir, **env)
 
 
 # --- in-process ----------------------------------------------------------------------------
 class InProcess:
     """One variant in a child process (bench/obs_cost_child.py) run from `tree`, driven over its
-    stdin and stdout: a request count in, the CPU and wall seconds they took out."""
+    stdin and stdout: a request count in, the CPU and wall seconds they took out. `wrapper` is a
+    command the child runs under (valgrind, for bench/obs_instructions.py)."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, kind: str, tree: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, kind: str, tree: Path = ROOT, wrapper: tuple[str, ...] = ()
+    ) -> None:
         metrics_dir = workdir / "metrics"
         metrics_dir.mkdir()
         self.log = workdir / "stderr.log"  # the console handler's stream, as journald's pipe
         with open(self.log, "wb") as stderr:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, str(CHILD), kind],
+                [*wrapper, sys.executable, str(CHILD), kind],
                 cwd=tree,
                 env={**os.environ, **env, "PYTHONPATH": str(tree), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
                 stdin=subprocess.PIPE,
@@ -117,9 +121,10 @@ class InProcess:
         if line.strip() != "ready":
             raise RuntimeError(f"variant did not start: {line!r}; see {self.log}")
 
-    def run(self, requests: int) -> tuple[float, float]:
-        """(CPU us a request, requests a second of wall time)."""
-        self.process.stdin.write(f"{requests}\n")
+    def run(self, requests: int, *, measured: bool = False) -> tuple[float, float]:
+        """(CPU us a request, requests a second of wall time). `measured`: each request inside
+        the function callgrind counts in (bench/obs_cost_child.py)."""
+        self.process.stdin.write(f"{requests}{' measured' if measured else ''}\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
@@ -127,11 +132,11 @@ class InProcess:
         cpu, wall = map(float, line.split())
         return cpu / requests * 1e6, requests / wall
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         with contextlib.suppress(BrokenPipeError):
             self.process.stdin.close()
         try:
-            self.process.wait(30)
+            self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
@@ -144,7 +149,7 @@ def measure_inprocess(args, uri: str, dsn: str, workdir: Path) -> dict[str, list
         for suffix, tree in trees.items():
             for name in args.variants:
                 (workdir / (name + suffix)).mkdir()
-                env = variant_env(name, uri, workdir / (name + suffix), dsn)
+                env = variant_env(VARIANTS[name], uri, workdir / (name + suffix), dsn)
                 variants[name + suffix] = InProcess(env, workdir / (name + suffix), args.kind, tree)
         for variant in variants.values():
             variant.ready()
@@ -173,7 +178,7 @@ def measure_gunicorn(args, uri: str, dsn: str, workdir: Path) -> dict[str, list[
         stacks: dict[str, Gunicorn] = {}
         for name in args.variants:
             (workdir / name).mkdir()
-            env = variant_env(name, uri, workdir / name, dsn)
+            env = variant_env(VARIANTS[name], uri, workdir / name, dsn)
             stacks[name] = started.enter_context(Gunicorn(env, workers=1, log_path=workdir / name / "gunicorn.out"))
             wait_for(lambda s=stacks[name]: one_worker(s), f"{name}: its worker")
         tokens = {name: login(stack.url) for name, stack in stacks.items()} if args.kind == "create" else {}

@@ -10,12 +10,16 @@ what this imports. It imports nothing of `bench` for the same reason.
 Protocol: prints `ready` once the app is built; then for every line with a request count on
 stdin, serves that many and prints `<CPU seconds> <wall seconds>`. The CPU is the process's
 (every thread: the request thread, and the sampler and log watcher, whose per-second work is
-noise against a round's), so a request's whole cost is in it.
+noise against a round's), so a request's whole cost is in it. A count followed by `measured`
+(`200 measured`) serves each request inside `operator.call`, the C function bench/obs_instructions.py
+tells callgrind to count instructions in (`--toggle-collect=_operator_call`): the request
+thread's work and nothing of the start-up, the warm-up or the other threads.
 """
 
 from __future__ import annotations
 
 import io
+import operator
 import os
 import sys
 import time
@@ -80,10 +84,12 @@ def main(kind: str) -> None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="request")  # gthread hands each request to its pool
     print("ready", flush=True)
     for line in sys.stdin:
-        requests = int(line)
+        count, _, measured = line.partition(" ")
+        requests = int(count)
+        task = (operator.call, serve) if measured.strip() == "measured" else (serve,)
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(requests):
-            pool.submit(serve).result()
+            pool.submit(*task).result()
         print(f"{time.process_time() - cpu} {time.perf_counter() - wall}", flush=True)
 
 

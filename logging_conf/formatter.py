@@ -8,9 +8,12 @@ being served, and no string in a line holds a control character (`escape_control
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 import traceback
-from datetime import UTC, datetime
+from itertools import islice
+from json.encoder import c_make_encoder, encode_basestring
 
 from flask import g, has_request_context, request
 from pythonjsonlogger.json import JsonEncoder
@@ -28,6 +31,8 @@ _CACHE_ATTR = "_flaskapi_json_line"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _NATIVE = (int, float, bool, type(None))
+# The attributes every LogRecord is made with, before any `extra`: they come first in its __dict__.
+_RECORD_ATTRIBUTES = len(logging.LogRecord("", logging.INFO, "", 0, "", (), None).__dict__)
 
 
 def _shown(match: re.Match) -> str:
@@ -74,17 +79,70 @@ class JsonFormatter(_JsonFormatter):
         self._fields = [(field, rename(field, field)) for field in self._required_fields]
         key = self.timestamp if isinstance(self.timestamp, str) else "timestamp"
         self._timestamp_key = rename(key, key) if self.timestamp else None
+        # What `_plain_fields` leaves out must be absent: then it makes what `add_fields` makes.
+        self._plain = (
+            not self.defaults
+            and not self.static_fields
+            and not self.rename_fields_keep_missing
+            and not self.prefix
+            and "asctime" not in self._required_fields
+            and type(self).process_log_record is _JsonFormatter.process_log_record
+            and type(self).add_fields is JsonFormatter.add_fields
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         # Console and file handlers share this formatter: serialise each record once.
         cached = record.__dict__.get(_CACHE_ATTR)
         if cached is None:
-            cached = redact(super().format(record))
+            special = record.exc_info or record.exc_text or record.stack_info or type(record.msg) is dict
+            if self._plain and not special:
+                cached = redact(self.jsonify_log_record(self._plain_fields(record)))
+            else:
+                cached = redact(super().format(record))
             record.__dict__[_CACHE_ATTR] = cached
         return cached
 
+    def _plain_fields(self, record: logging.LogRecord) -> dict:
+        """`add_fields` of a record without exception, stack or dict message, for a formatter
+        without defaults, static fields or kept-missing renames (`_plain`, ours): the same fields
+        in the same order, without the steps that add nothing to such a record. Every line but
+        an error's takes it: 136k -> 55k instructions an access line (callgrind)."""
+        record.message = record.getMessage()  # as python-json-logger's `format`, for later readers
+        attributes = record.__dict__
+        log_data = {key: attributes.get(field) for field, key in self._fields}
+        skip, rename = self._skip_fields, self.rename_fields
+        # A LogRecord's own attributes come first (all in `skip`): only what follows is looked at.
+        later = islice(attributes, _RECORD_ATTRIBUTES, None) if type(record) is logging.LogRecord else attributes
+        for key in later:  # the `extra` fields, and `message`
+            if key not in skip and not (isinstance(key, str) and key.startswith("_")):
+                log_data[rename.get(key, key)] = attributes[key]
+        if self._timestamp_key is not None:
+            log_data[self._timestamp_key] = _utc_isoformat(record.created)
+        log_data.pop("color_message", None)
+        _add_request_context(log_data)
+        return log_data
+
+    def _encode(self, log_data: dict) -> str:
+        """What `self._encoder.encode(log_data)` returns, from the C encoder it would build, without
+        the Python layers around it (json.JSONEncoder.encode and iterencode): -5k instructions."""
+        if c_make_encoder is None:
+            return self._encoder.encode(log_data)
+        encoder = self._encoder
+        iterencode = c_make_encoder(
+            {} if encoder.check_circular else None,
+            encoder.default,
+            encode_basestring,
+            None,
+            encoder.key_separator,
+            encoder.item_separator,
+            encoder.sort_keys,
+            encoder.skipkeys,
+            encoder.allow_nan,
+        )
+        return "".join(iterencode(log_data, 0))
+
     def jsonify_log_record(self, log_data) -> str:
-        line = self._encoder.encode(log_data)
+        line = self._encode(log_data)
         # JSON writes every C0 control as a backslash escape and the rest of `_UNSAFE` raw: a line
         # with no backslash and no DEL that is ASCII, or has none of them, needs nothing more.
         if "\\" not in line and "\x7f" not in line and (line.isascii() or _UNSAFE.search(line) is None):
@@ -107,7 +165,7 @@ class JsonFormatter(_JsonFormatter):
             if not (isinstance(key, str) and key.startswith("_")):
                 log_data[rename.get(key, key)] = attributes[key]
         if self._timestamp_key is not None:
-            log_data[self._timestamp_key] = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
+            log_data[self._timestamp_key] = _utc_isoformat(record.created)
         if self.rename_fields_keep_missing:
             for field in self.rename_fields.values():
                 log_data.setdefault(field, None)
@@ -125,6 +183,26 @@ class JsonFormatter(_JsonFormatter):
             ],
             "traceback": "".join(traceback.format_exception(exc_type, exc, tb)),
         }
+
+
+_second: tuple[float, str] = (math.nan, "")  # the last whole second formatted, and its text
+
+
+def _utc_isoformat(created: float) -> str:
+    """`datetime.fromtimestamp(created, tz=UTC).isoformat()`, the date and time of day formatted
+    once a second: 16.5k -> 5k instructions. The microseconds are rounded half to even, as
+    datetime rounds them, and left out when zero, as isoformat does."""
+    global _second
+    fraction, whole = math.modf(created)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        whole += 1.0
+    seconds, text = _second  # one tuple: a thread never pairs one second with another's text
+    if seconds != whole:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"
 
 
 def _escaped(value, encoder: JsonEncoder):

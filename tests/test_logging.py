@@ -34,6 +34,43 @@ def test_a_multiline_message_is_one_valid_json_line():
     assert data["timestamp"].endswith("+00:00")  # ISO-8601, UTC
 
 
+@pytest.mark.parametrize(
+    "msg, args, extra",
+    [
+        ("GET %s %d", ("/books/", 200), {"event": "access", "status": 200, "duration_ms": 3.125, "user_id": None}),
+        ("nested", (), {"rows": [1, {"k": "v"}], "color_message": "dropped", "_private": 1, "when": object()}),
+        ("unsafe \x07 \u202e", (), {"path": "/a\\b\x1b[31m", "token": "Bearer abc.def"}),
+    ],
+)
+def test_the_plain_path_writes_what_python_json_logger_writes(msg, args, extra):
+    """The formatter's own path for a record without exception or stack (every line but an
+    error's) is a speed-up only: the same line, byte for byte, as python-json-logger's format."""
+    from logging_conf.formatter import _JsonFormatter
+    from logging_conf.redaction import redact
+
+    formatter = JsonFormatter()
+    fast, slow = (logging.LogRecord("service.access", logging.INFO, __file__, 1, msg, args, None) for _ in "ab")
+    for record in (fast, slow):
+        record.__dict__.update(extra)
+    slow.created = fast.created
+    assert formatter._plain
+    assert formatter.format(fast) == redact(_JsonFormatter.format(formatter, slow))
+
+
+def test_the_timestamp_is_datetimes_isoformat_to_the_microsecond():
+    import random
+    from datetime import UTC, datetime
+
+    from logging_conf.formatter import _utc_isoformat
+
+    rng = random.Random(18)
+    moments = [rng.uniform(1e9, 2e9) for _ in range(20_000)]
+    moments += [1e9 + k / 1e6 + 0.5e-6 for k in range(2_000)]  # halfway microseconds: rounded to even
+    moments += [1_700_000_000.0, 1_700_000_000.9999995, 1_699_999_999.9999996]  # no microseconds; a carry
+    for moment in moments:
+        assert _utc_isoformat(moment) == datetime.fromtimestamp(moment, tz=UTC).isoformat(), moment
+
+
 def test_exceptions_are_structured():
     try:
         raise ValueError("bad value\nsecond line")
