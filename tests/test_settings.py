@@ -146,7 +146,7 @@ def test_secret_length_is_counted_in_bytes(production, started):
         "0123456789" * 4,  # ten distinct characters, 133 bits by character frequency alone
         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",  # a run
         "k3J9xQ2mZp" * 4,  # random characters, repeated
-        pytest.param(secrets.token_urlsafe(16) * 2, id="token_urlsafe(16)*2"),  # a stable id: collected alike everywhere
+        pytest.param(secrets.token_urlsafe(16) * 2, id="token_urlsafe(16)*2"),  # a stable id: same in every process
         "passwordpasswordpasswordpassword1",
         "qwertyuiopasdfghjklzxcvbnm123456",
     ],
