@@ -483,6 +483,25 @@ def shipped_lines(central, log_file: Path) -> dict:
     }
 
 
+def run_ramp(url: str, args: argparse.Namespace, out: Path, generator: dict[str, str]):
+    """Headless locust against `url`: `args.users` over `args.ramp` s, then `args.hold` s, from
+    `args.locust_processes` processes; its HTML report and output in `out` (the demo's and the
+    fleet run's load). Returns the finished command."""
+    duration = args.ramp + args.hold
+    command = locust_command(
+        url,
+        users=args.users,
+        rate=f"{args.users / args.ramp:.3f}",
+        seconds=duration,
+        stop_timeout=STOP_TIMEOUT,
+        processes=args.locust_processes,
+        extra=("--html", str(out / "locust.html")),
+    )
+    result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
+    (out / "locust.out").write_text(result.stdout)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     out = (args.out or ROOT / "reports" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
@@ -500,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
             "Alertmanager is not installed (Debian/Ubuntu: apt-get install prometheus-alertmanager): no notifications.",
             file=sys.stderr,
         )
-    duration = args.ramp + args.hold
     sentry = SentryReceiver()  # Sentry's wire protocol on loopback: the crash reports of the run
     env = stack_env(
         args.db_uri or migrated_demo_database(),
@@ -567,18 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             + (", ".join(f"+{s:g} s" for s in args.crashes) or "none")
         )
         started = time.time()
-        command = locust_command(
-            stack.url,
-            users=args.users,
-            rate=f"{args.users / args.ramp:.3f}",
-            seconds=duration,
-            stop_timeout=STOP_TIMEOUT,
-            processes=args.locust_processes,
-            extra=("--html", str(out / "locust.html")),
-        )
-        result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
+        result = run_ramp(stack.url, args, out, generator)
         locust_ended = time.time()
-        (out / "locust.out").write_text(result.stdout)
         # No request comes after locust: the server's counters are final now.
         samples = scrape(stack.metrics_url)
         if prometheus is not None:

@@ -32,14 +32,12 @@ from pathlib import Path
 
 from bench import demo, report
 from bench.harness import exporters
-from bench.harness.commands import run_command
-from bench.harness.environment import ROOT, free_port, locust_command, locust_env
+from bench.harness.environment import ROOT, free_port, locust_env
 from bench.harness.fleet import Fleet
 from bench.harness.polling import wait_for
 from bench.harness.prometheus import Prometheus
 
 SCRAPE_INTERVAL = demo.SCRAPE_INTERVAL
-STOP_TIMEOUT = demo.STOP_TIMEOUT
 PER_INSTANCE_PANELS = ("Requests/s by instance", "App instances up")
 EXPORTER_ROWS = ("Hosts", "Database server")
 
@@ -148,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     uri = args.db_uri or demo.migrated_demo_database()
     locust_port = free_port()
-    duration = args.ramp + args.hold
     rate_interval = report.grafana_rate_interval(SCRAPE_INTERVAL, SCRAPE_INTERVAL)
     print(f"report folder: {out}")
     with Fleet(out, uri, instances=args.instances, workers=args.workers) as fleet:
@@ -174,18 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"locust: {args.users} users over {args.ramp:g} s, {args.hold:g} s steady, through nginx")
             started = time.time()
-            command = locust_command(
-                fleet.url,
-                users=args.users,
-                rate=f"{args.users / args.ramp:.3f}",
-                seconds=duration,
-                stop_timeout=STOP_TIMEOUT,
-                processes=args.locust_processes,
-                extra=("--html", str(out / "locust.html")),
-            )
-            result = run_command(command, generator, timeout=duration + STOP_TIMEOUT + 120)
+            result = demo.run_ramp(fleet.url, args, out, generator)
             locust_ended = time.time()
-            (out / "locust.out").write_text(result.stdout)
             wait_for(
                 lambda: (
                     any(float(s["value"][1]) > locust_ended for s in prometheus.query('timestamp(up{job="postgres"})'))
